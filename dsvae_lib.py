@@ -1,0 +1,848 @@
+"""Disentangled Sequential Autoencoder (Li & Mandt, ICML 2018) on the real Sprites data.
+
+One module, read top to bottom like the paper's appendix:
+  1. config      -- the model and training hyper-parameters, and the named profiles
+  2. data        -- the Sprites videos built from the LPC sheets by PROTOCOL.md
+  3. model       -- frame encoder, q(f|x), q(z|x) (factorised or full), the learned prior p(z), decoder p(x|z,f)
+  4. objective   -- the ELBO of Eq. (4)-(5) with analytic KL terms
+  5. training    -- Adam, resumable checkpoints, metrics
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class Config:
+    """Everything that defines a run. Defaults are the paper's configuration (Li & Mandt 2018, App. D)."""
+    profile: str = "paper"
+    # model
+    f_dim: int = 256             # content f
+    z_dim: int = 32              # dynamics z_t
+    q_z: str = "factorised"      # q(z|x): "factorised" (per frame) or "full" (conditioned on f, Eq. 6)
+    channels: int = 256          # every convolution of encoder and decoder
+    enc_hidden: int = 4096       # affine 8*8*channels -> enc_hidden -> frame_dim
+    frame_dim: int = 2048        # frame encoding fed to the posteriors
+    dec_hidden: int = 4096       # affine f+z -> dec_hidden -> 8*8*channels
+    rnn_hidden: int = 512        # LSTMs/RNN of q(f|x), q(z|x) and the prior p(z_t|z<t)
+    # training
+    epochs: int = 200
+    batch_size: int = 25
+    lr: float = 2e-4
+    betas: tuple = (0.9, 0.999)
+    lr_schedule: str = "constant"  # "constant" (paper) or "cosine"
+    train_limit: int | None = None  # use only the first N training sequences (smoke)
+    eval_limit: int = 500           # test sequences for the per-epoch held-out ELBO
+    seed: int = 0
+    device: str = "auto"            # "auto": CUDA if present, else CPU
+    compile: bool = False           # torch.compile the model (CUDA)
+    run_dir: str | None = None      # default runs/<profile>-<q_z>
+
+    def __post_init__(self):
+        if self.q_z not in ("factorised", "full"):
+            raise ValueError(f"q_z must be 'factorised' or 'full', not {self.q_z!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
+        self.betas = tuple(self.betas)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else ROOT / "runs" / f"{self.profile}-{self.q_z}"
+
+
+PROFILES = {
+    "paper": {},
+    "gpu": dict(epochs=60),
+    "cpu": dict(channels=16, enc_hidden=512, frame_dim=256, dec_hidden=512, rnn_hidden=256,
+                epochs=10, lr=1e-3, lr_schedule="cosine"),
+    "smoke": dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64, rnn_hidden=32,
+                  epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50),
+}
+
+
+def make_config(profile="paper", **overrides) -> Config:
+    """The named profile, with fields overridden one by one (e.g. from papermill parameters)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    fields = set(Config.__dataclass_fields__)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; valid fields are {sorted(fields)}")
+    return Config(profile=profile, **{**PROFILES[profile], **overrides})
+
+
+def default_profile():
+    """`gpu` when CUDA is present, else `cpu`; $DSVAE_PROFILE wins (the test runner sets `smoke`)."""
+    return os.environ.get("DSVAE_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- data: the protocol
+SPRITES_REPO = "YingzhenLi/Sprites"
+SPRITES_COMMIT = "3ce4048c5227802bd8f1888e293fd3afdba91c0c"
+SPRITES_URL = f"https://raw.githubusercontent.com/{SPRITES_REPO}/{SPRITES_COMMIT}/{{path}}"
+PROTOCOL_VERSION = 1  # bump when the build below changes: every cache is rebuilt
+
+ATTRIBUTES = ("skin", "pants", "top", "hair")
+LAYER_FOLDERS = ("body", "bottomwear", "topwear", "hair")  # in attribute order, composited in this order
+SHOES = "shoes/1.png"  # always the last layer
+N_VARIANTS, N_CHARACTERS, N_TRAIN_CHARACTERS, SPLIT_SEED = 6, 1296, 1000, 423
+ACTIONS = ("walk", "spellcard", "slash")
+DIRECTIONS = ("front", "left", "right")
+MOTIONS = tuple(f"{a}-{d}" for a in ACTIONS for d in DIRECTIONS)  # motion label = 3 * action + direction
+ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}  # sheet row for front, left, right
+COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4, 5, 4, 6), "slash": (0, 1, 2, 3, 4, 5, 4, 0)}
+T, CELL = 8, 64
+
+# SHA-256 of every sheet the protocol uses, at SPRITES_COMMIT.
+SHEET_SHA256 = dict(line.split()[::-1] for line in """
+27d1ac78db37c42f35a20d15c42705efc5e58d47c236cc01423879d4f797f151 body/0.png
+1535e9228357b884df80f777a0d1dac10ac35e550e4d8d077105ccad014a1460 body/1.png
+7c241033b4897501cb3721b6c3a9ebfa94b13db10a539edbd9bcc3e0c2a4bcb9 body/2.png
+055f5aa33fc112d8444b42fce2cf50608a9fbbf2466c54ceaa46c777589a717a body/3.png
+57f3b9c510482379aba9a32fc0de7d48e9cbe3dc40f2447283547f773b77ca72 body/4.png
+91e49453aeab5ebbb4fd2b48253812895dcfb4cb1829b84e24425c66de8f04ff body/5.png
+4ec356c488e272fde2d2d0d722b12a80217871e41161d43ba784caf243969ec2 bottomwear/0.png
+0674312eaa4ab548f8bb31ef95d7dbd46b41555758cec51bd6c3e9fac9a0f936 bottomwear/1.png
+3b464feb0d20ff34b0ca2a6d1fd00766ad86e2229c3d56ff91379fe27588a893 bottomwear/2.png
+b366e84ea0519d06cf693f51e0ee2f9ac32b3132d27c75dfdc4b6f52fca072de bottomwear/3.png
+4ed7e7702e4f50b9692c0043be04b7296a108d85ea97230fb50d13c150d98771 bottomwear/4.png
+a5c5e7e33f13fe5ad37b5836a5a74fb0d2094a0877c2146961b88688ff85840d bottomwear/5.png
+b917edcf2b3c35d51ef57a6fad67557c5edf048785bea29db09a640d09ac9a90 topwear/0.png
+e33c6cb31ed1268a2c0dc73b665b1c9b9420e22baf3321880222bdb22682368b topwear/1.png
+2b9b8fefa08894b7ea536cd62b86d494aefe6e54495c5c1d83460827b13b6448 topwear/2.png
+807f5b628592f6747e2814be9435963069dba6c360577168c02f57bbe903433d topwear/3.png
+b51b17878503877e179ce4f9231713bf2b2d2d666c3ec9ee29f4e784469867a2 topwear/4.png
+1b6049d43f83ebfda857cc405d1936ac9fd80be480fa6ad239024a6a75ad0372 topwear/5.png
+e4007b0635a239ad16cdebfe90759349ccc73dfc6836c9d19625714be185f43d hair/0.png
+fa6369f84d3310705df6d8ca8c9d515a7d211e73d2826c50a9cb5bb285652c66 hair/1.png
+1b8046752be7233e829ebe9b11048e171d8d181ee6f68e07042b34f57bb8af0d hair/2.png
+333783285c5fd94ff434ae5000d2da39aac7940269f173119eaa70d34c8acfa1 hair/3.png
+24df8e9b291cbd444f6c4d12d35b3d43d909cd13f04e6401e0fd8ab10216d5a2 hair/4.png
+4dd471cc20e0b1cf71adcaab01c88598767e5cfe680adacdf560ca91574f17ae hair/5.png
+d56a561616a20a12030d2d40a52eeec63e6d048871bf3b6994221869362151f1 shoes/1.png
+""".split("\n") if line)
+
+
+def decode_character(c):
+    """Character id 0..1295 -> (skin, pants, top, hair), PROTOCOL.md's decoding."""
+    c = np.asarray(c)
+    return np.stack([c // 216, (c // 36) % 6, (c // 6) % 6, c % 6], axis=-1)
+
+
+def split_characters():
+    """The 1000 training and 296 test character ids, in the protocol's permutation order."""
+    perm = np.random.RandomState(SPLIT_SEED).permutation(N_CHARACTERS)
+    return {"train": perm[:N_TRAIN_CHARACTERS], "test": perm[N_TRAIN_CHARACTERS:]}
+
+
+# ----------------------------------------------------------------------------- data: the sheets
+class SheetError(RuntimeError):
+    """A sprite sheet is missing or does not match its pinned checksum."""
+
+
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _check_sheets(folder, verify=True):
+    """Checksums of the protocol's sheets in `folder`; with verify, each must match SHEET_SHA256."""
+    sums = {}
+    for rel, expected in SHEET_SHA256.items():
+        path = Path(folder) / rel
+        if not path.is_file():
+            raise SheetError(f"sprite sheet {path} is missing (expected sha256 {expected}). Point DSVAE_SHEETS "
+                             f"or `sheets=` at a complete copy of {SPRITES_REPO}@{SPRITES_COMMIT[:7]}, or unset it "
+                             f"to download the sheets.")
+        sums[rel] = sha256(path)
+        if verify and sums[rel] != expected:
+            raise SheetError(f"sprite sheet {path} is corrupted: sha256 {sums[rel]}, expected {expected}. "
+                             f"Replace it with {SPRITES_URL.format(path=rel)} (or delete the folder to download "
+                             f"again); pass verify=False only for deliberately modified art.")
+    return sums
+
+
+def download_sheets(dest=None, url=SPRITES_URL):
+    """Download the protocol's sheets into `dest` (default: the user cache), verifying each checksum.
+
+    Files land under a temporary name and are renamed only once verified, so a failed or corrupt
+    download never leaves a partial cache behind.
+    """
+    dest = Path(dest or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsvae-repro"
+                / f"sheets-{SPRITES_COMMIT[:12]}")
+    todo = [rel for rel, h in SHEET_SHA256.items() if not ((dest / rel).is_file() and sha256(dest / rel) == h)]
+    for rel in tqdm(todo, desc="download sheets", disable=not todo):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url.format(path=rel), timeout=60) as response:
+            payload = response.read()
+        got = hashlib.sha256(payload).hexdigest()
+        if got != SHEET_SHA256[rel]:
+            raise SheetError(f"downloaded sheet {rel} from {url.format(path=rel)} is corrupted: sha256 {got}, "
+                             f"expected {SHEET_SHA256[rel]}. Nothing was cached; retry, or set DSVAE_SHEETS to a "
+                             f"verified local copy.")
+        _atomic_write_bytes(target, payload)
+    return dest
+
+
+def find_sheets(sheets=None):
+    """Sheets folder: `sheets`, else $DSVAE_SHEETS, else ../shared/sprites-lpc, else a verified download."""
+    for candidate in (sheets, os.environ.get("DSVAE_SHEETS")):
+        if candidate:
+            if not Path(candidate).is_dir():
+                raise SheetError(f"sheets folder {candidate} does not exist; fix `sheets=`/DSVAE_SHEETS or unset "
+                                 f"it to download the sheets.")
+            return Path(candidate)
+    shared = ROOT.parent / "shared" / "sprites-lpc"
+    return shared if shared.is_dir() else download_sheets()
+
+
+def _atomic_write_bytes(path, payload):
+    with tempfile.NamedTemporaryFile(dir=Path(path).parent, delete=False, suffix=".part") as f:
+        f.write(payload)
+    os.replace(f.name, path)
+
+
+# ----------------------------------------------------------------------------- data: the build
+def _motion_strip(path):
+    """One layer's 9 motions x 8 frames as an RGBA strip of 72 cells (64 x 4608), cropped by PROTOCOL.md."""
+    sheet = Image.open(path).convert("RGBA")
+    strip = Image.new("RGBA", (CELL * 9 * T, CELL))
+    for m, (action, direction) in enumerate((a, d) for a in ACTIONS for d in range(3)):
+        row = ROWS[action][direction]
+        for t, col in enumerate(COLUMNS[action]):
+            cell = sheet.crop((col * CELL, row * CELL, (col + 1) * CELL, (row + 1) * CELL))
+            strip.paste(cell, ((m * T + t) * CELL, 0))
+    return strip
+
+
+def compose_character(strips, c):
+    """All 9 motions of character c: uint8 (9, 8, 64, 64, 3). Black canvas, then body, pants, top, hair, shoes."""
+    canvas = Image.new("RGBA", strips[SHOES].size, (0, 0, 0, 255))
+    for folder, variant in zip(LAYER_FOLDERS, decode_character(c)):
+        canvas = Image.alpha_composite(canvas, strips[f"{folder}/{variant}.png"])
+    canvas = Image.alpha_composite(canvas, strips[SHOES])
+    rgb = np.asarray(canvas)[..., :3]  # (64, 72*64, 3)
+    return rgb.reshape(CELL, 9, T, CELL, 3).transpose(1, 2, 0, 3, 4)
+
+
+def _build(folder, out):
+    """Write frames and labels of both splits as .npy files into `out` (memory-mapped, low peak memory)."""
+    strips = {rel: _motion_strip(Path(folder) / rel) for rel in SHEET_SHA256}
+    for split, chars in split_characters().items():
+        frames = np.lib.format.open_memmap(out / f"{split}_frames.npy", "w+", np.uint8, (len(chars) * 9, T, CELL, CELL, 3))
+        for i, c in enumerate(tqdm(chars, desc=f"build {split}", leave=False)):
+            frames[9 * i:9 * (i + 1)] = compose_character(strips, c)
+        frames.flush()
+        del frames
+        np.save(out / f"{split}_character.npy", np.repeat(chars, 9).astype(np.int16))
+
+
+def build_cache(sheets=None, cache=None, verify=True):
+    """Folder holding the built data; rebuilt only when the sheets' checksums or PROTOCOL_VERSION change.
+
+    The build goes to a temporary folder that is renamed into place when complete: no partial cache.
+    """
+    folder = find_sheets(sheets)
+    sums = _check_sheets(folder, verify)
+    key = hashlib.sha256(json.dumps([PROTOCOL_VERSION, sorted(sums.items())]).encode()).hexdigest()[:16]
+    cache = Path(cache or os.environ.get("DSVAE_CACHE") or ROOT / "data")
+    final = cache / f"sprites-v{PROTOCOL_VERSION}-{key}"
+    if (final / "manifest.json").is_file():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
+    try:
+        _build(folder, tmp)
+        (tmp / "manifest.json").write_text(json.dumps({"protocol": PROTOCOL_VERSION, "sheets": str(folder),
+                                                       "sha256": sums}, indent=1))
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "manifest.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+@dataclass
+class Sprites:
+    """One split of Sprites: uint8 RGB videos (N, 8, 64, 64, 3) and their labels."""
+    frames: np.ndarray
+    character: np.ndarray   # (N,) id 0..1295
+    attributes: np.ndarray  # (N, 4) skin, pants, top, hair in 0..5
+    action: np.ndarray      # (N,) walk 0, spellcard 1, slash 2
+    direction: np.ndarray   # (N,) front 0, left 1, right 2
+
+    def __len__(self):
+        return len(self.frames)
+
+    @property
+    def motion(self):
+        """9-way motion label, 3 * action + direction."""
+        return 3 * self.action + self.direction
+
+    def index(self, skin, pants, top, hair, action, direction):
+        """Position of the sequence with these labels, or KeyError if its character is in the other split."""
+        c = 216 * skin + 36 * pants + 6 * top + hair
+        hits = np.flatnonzero((self.character == c) & (self.action == action) & (self.direction == direction))
+        if not len(hits):
+            raise KeyError(f"character {c} (skin {skin}, pants {pants}, top {top}, hair {hair}) is not in this split")
+        return int(hits[0])
+
+
+def load_sprites(split, sheets=None, cache=None, verify=True, mmap=True):
+    """The `train` (9000 sequences) or `test` (2664) split, built from the sheets on first use."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+    folder = build_cache(sheets, cache, verify)
+    frames = np.load(folder / f"{split}_frames.npy", mmap_mode="r" if mmap else None)
+    character = np.load(folder / f"{split}_character.npy").astype(np.int64)
+    motion = np.tile(np.arange(9), len(character) // 9)
+    return Sprites(frames, character, decode_character(character), motion // 3, motion % 3)
+
+
+def to_model_input(frames_u8, device=None):
+    """uint8 (B, T, H, W, C) -> float (B, T, C, H, W) in [-1, 1], converted on `device` after the copy."""
+    x = frames_u8 if torch.is_tensor(frames_u8) else torch.from_numpy(np.array(frames_u8, dtype=np.uint8))
+    x = x.to(device, non_blocking=True)
+    return x.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(x):
+    """Inverse of to_model_input for display: float (..., C, H, W) in [-1, 1] -> uint8 numpy (..., H, W, C)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).cpu().numpy()
+
+
+class Batches:
+    """Shuffled mini-batches of model input from a uint8 tensor held whole in memory (on the GPU if any).
+
+    The per-batch conversion replaces per-sample reads: one gather and one cast per batch.
+    """
+
+    def __init__(self, data: Sprites, batch_size, device="cpu", shuffle=True, seed=0, limit=None):
+        n = len(data) if limit is None else min(limit, len(data))
+        self.frames = torch.from_numpy(np.array(data.frames[:n])).to(device)
+        self.batch_size, self.shuffle, self.device, self.seed, self.epoch = batch_size, shuffle, device, seed, 0
+
+    def __len__(self):
+        return -(-len(self.frames) // self.batch_size)
+
+    def __iter__(self):
+        """Batches in an order fixed by (seed, epoch): a resumed run sees exactly the batches it would have."""
+        n = len(self.frames)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)) \
+            if self.shuffle else torch.arange(n)
+        for i in range(0, n, self.batch_size):
+            yield to_model_input(self.frames[order[i:i + self.batch_size].to(self.device)])
+
+
+# ----------------------------------------------------------------------------- model: building blocks
+from typing import NamedTuple  # noqa: E402
+
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def _conv(c_in, c_out, stride):
+    return [nn.Conv2d(c_in, c_out, 5, stride, 2), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+
+
+def _deconv(c_in, c_out):
+    return [nn.ConvTranspose2d(c_in, c_out, 5, 2, 2, output_padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+
+
+def _affine(d_in, d_out):
+    return [nn.Linear(d_in, d_out), nn.BatchNorm1d(d_out), nn.LeakyReLU(0.2)]
+
+
+class Gaussian(nn.Module):
+    """Two affine heads: mean and log-variance of a diagonal Gaussian."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.mean, self.logvar = nn.Linear(d_in, d_out), nn.Linear(d_in, d_out)
+
+    def forward(self, h):
+        return self.mean(h), self.logvar(h)
+
+
+def reparameterize(mean, logvar, sample=True):
+    """z = mean + sigma * eps (the reparameterisation trick); the mean when sample is False."""
+    return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+
+
+# ----------------------------------------------------------------------------- model: encoder and posteriors
+class FrameEncoder(nn.Module):
+    """x_t (3x64x64) -> frame encoding: 4 convs (kernel 5) to Cx8x8, then affine -> enc_hidden -> frame_dim."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Sequential(*_conv(3, c.channels, 1), *_conv(c.channels, c.channels, 2),
+                                  *_conv(c.channels, c.channels, 2), *_conv(c.channels, c.channels, 2))
+        self.fc = nn.Sequential(*_affine(8 * 8 * c.channels, c.enc_hidden), *_affine(c.enc_hidden, c.frame_dim))
+
+    def forward(self, x):  # (B, T, 3, 64, 64) -> (B, T, frame_dim)
+        b, t = x.shape[:2]
+        h = self.conv(x.flatten(0, 1))
+        return self.fc(h.flatten(1)).view(b, t, -1)
+
+
+class ContentPosterior(nn.Module):
+    """q(f | x_1:T): a bidirectional LSTM; [forward state at T, backward state at 1] -> mean, log-variance."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.lstm = nn.LSTM(c.frame_dim, c.rnn_hidden, batch_first=True, bidirectional=True)
+        self.head = Gaussian(2 * c.rnn_hidden, c.f_dim)
+
+    def forward(self, h):
+        out, _ = self.lstm(h)
+        n = out.shape[-1] // 2
+        return self.head(torch.cat([out[:, -1, :n], out[:, 0, n:]], dim=-1))
+
+
+class FactorisedDynamicsPosterior(nn.Module):
+    """q(z_t | x_t): per frame, affine -> rnn_hidden with LeakyReLU, then mean and log-variance."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(c.frame_dim, c.rnn_hidden), nn.LeakyReLU(0.2))
+        self.head = Gaussian(c.rnn_hidden, c.z_dim)
+
+    def forward(self, h, f):
+        return self.head(self.body(h))
+
+
+class FullDynamicsPosterior(nn.Module):
+    """q(z_1:T | x_1:T, f): [h_t, f] -> bidirectional LSTM -> unidirectional RNN -> mean, log-variance per step."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.lstm = nn.LSTM(c.frame_dim + c.f_dim, c.rnn_hidden, batch_first=True, bidirectional=True)
+        self.rnn = nn.RNN(2 * c.rnn_hidden, c.rnn_hidden, batch_first=True)
+        self.head = Gaussian(c.rnn_hidden, c.z_dim)
+
+    def forward(self, h, f):
+        out, _ = self.lstm(torch.cat([h, f.unsqueeze(1).expand(-1, h.shape[1], -1)], dim=-1))
+        out, _ = self.rnn(out)
+        return self.head(out)
+
+
+# ----------------------------------------------------------------------------- model: prior and decoder
+class DynamicsPrior(nn.Module):
+    """p(z_t | z_<t) = N(mu(h_t), sigma^2(h_t)), h_t = LSTM(z_{t-1}, h_{t-1}), z_0 = 0 (Eq. 3)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.z_dim = c.z_dim
+        self.lstm = nn.LSTM(c.z_dim, c.rnn_hidden, batch_first=True)
+        self.head = Gaussian(c.rnn_hidden, c.z_dim)
+
+    def forward(self, z):
+        """Teacher forcing: the prior of each step given the *posterior* samples z_<t. z: (B, T, z_dim)."""
+        z_prev = torch.cat([torch.zeros_like(z[:, :1]), z[:, :-1]], dim=1)
+        out, _ = self.lstm(z_prev)
+        return self.head(out)
+
+    def sample(self, n, t, device):
+        """Ancestral sampling z_t ~ p(z_t | z_<t) on its own samples, t steps."""
+        z_prev, state, zs = torch.zeros(n, 1, self.z_dim, device=device), None, []
+        for _ in range(t):
+            out, state = self.lstm(z_prev, state)
+            z_prev = reparameterize(*self.head(out))
+            zs.append(z_prev)
+        return torch.cat(zs, dim=1)
+
+
+class Decoder(nn.Module):
+    """p(x_t | z_t, f): [f, z_t] -> affine -> dec_hidden -> Cx8x8, 3 transposed convs to Cx64x64, then 3x64x64 tanh."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.channels = c.channels
+        self.fc = nn.Sequential(*_affine(c.f_dim + c.z_dim, c.dec_hidden), *_affine(c.dec_hidden, 8 * 8 * c.channels))
+        self.deconv = nn.Sequential(*_deconv(c.channels, c.channels), *_deconv(c.channels, c.channels),
+                                    *_deconv(c.channels, c.channels),
+                                    nn.ConvTranspose2d(c.channels, 3, 5, 1, 2), nn.Tanh())
+
+    def forward(self, f, z):  # (B, f_dim), (B, T, z_dim) -> (B, T, 3, 64, 64)
+        b, t = z.shape[:2]
+        h = self.fc(torch.cat([f.unsqueeze(1).expand(-1, t, -1), z], dim=-1).flatten(0, 1))
+        return self.deconv(h.view(b * t, self.channels, 8, 8)).view(b, t, 3, 64, 64)
+
+
+# ----------------------------------------------------------------------------- model: DSAE
+class Posterior(NamedTuple):
+    f_mean: torch.Tensor
+    f_logvar: torch.Tensor
+    f: torch.Tensor
+    z_mean: torch.Tensor
+    z_logvar: torch.Tensor
+    z: torch.Tensor
+
+
+class DSAE(nn.Module):
+    """Disentangled Sequential Autoencoder: p(x, z, f) = p(f) prod_t p(z_t | z_<t) p(x_t | z_t, f) (Eq. 1)."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.encoder = FrameEncoder(config)
+        self.q_f = ContentPosterior(config)
+        self.q_z = (FullDynamicsPosterior if config.q_z == "full" else FactorisedDynamicsPosterior)(config)
+        self.prior_z = DynamicsPrior(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def encode(self, x, sample=True) -> Posterior:
+        """q(f|x) q(z|x[, f]); with sample=False, f and z are the posterior means."""
+        h = self.encoder(x)
+        f_mean, f_logvar = self.q_f(h)
+        f = reparameterize(f_mean, f_logvar, sample)
+        z_mean, z_logvar = self.q_z(h, f)
+        return Posterior(f_mean, f_logvar, f, z_mean, z_logvar, reparameterize(z_mean, z_logvar, sample))
+
+    def decode(self, f, z):
+        """Mean of p(x_1:T | z_1:T, f), pixels in [-1, 1]."""
+        return self.decoder(f, z)
+
+    def forward(self, x):
+        post = self.encode(x)
+        return post, self.decode(post.f, post.z)
+
+    def sample_f(self, n):
+        return torch.randn(n, self.config.f_dim, device=self.device)
+
+    def sample_z(self, n, t=T):
+        return self.prior_z.sample(n, t, self.device)
+
+    @torch.no_grad()
+    def sample_prior(self, n, t=T):
+        """f ~ N(0, I), z_1:T from the learned prior; returns (x, f, z)."""
+        f, z = self.sample_f(n), self.sample_z(n, t)
+        return self.decode(f, z), f, z
+
+    @torch.no_grad()
+    def swap(self, x_a, x_b):
+        """Decode the content f of x_a with the dynamics z_1:T of x_b (posterior means)."""
+        return self.decode(self.encode(x_a, sample=False).f, self.encode(x_b, sample=False).z)
+
+    @torch.no_grad()
+    def generate(self, fix, x):
+        """Keep one part of x and sample the other: fix="f" samples z from p(z), fix="z" samples f from p(f).
+
+        Returns (x_generated, f, z), where the kept part equals x's posterior mean exactly.
+        """
+        if fix not in ("f", "z"):
+            raise ValueError(f"fix must be 'f' (keep content) or 'z' (keep dynamics), not {fix!r}")
+        post = self.encode(x, sample=False)
+        f = post.f if fix == "f" else self.sample_f(len(x))
+        z = post.z if fix == "z" else self.sample_z(len(x), x.shape[1])
+        return self.decode(f, z), f, z
+
+
+# ----------------------------------------------------------------------------- objective
+def kl_normal(mean_q, logvar_q, mean_p=None, logvar_p=None):
+    """Analytic KL(N(mean_q, var_q) || N(mean_p, var_p)) per dimension; p = N(0, I) when omitted."""
+    if mean_p is None:
+        return 0.5 * (mean_q.pow(2) + logvar_q.exp() - 1.0 - logvar_q)
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p).pow(2)) / logvar_p.exp() - 1.0)
+
+
+def elbo_terms(model: DSAE, x):
+    """Negative ELBO of Eq. (5), averaged over the batch: SSE + KL(q(f)||p(f)) + sum_t KL(q(z_t)||p(z_t|z<t)).
+
+    The Gaussian likelihood is the sum of squared errors over pixels; the prior p(z_t|z<t) is evaluated
+    on the posterior samples z_<t (teacher forcing), so both sides of each KL describe the same sequence.
+    """
+    post, x_hat = model(x)
+    prior_mean, prior_logvar = model.prior_z(post.z)
+    b = len(x)
+    recon = (x_hat.float() - x.float()).pow(2).sum() / b
+    kl_f = kl_normal(post.f_mean.float(), post.f_logvar.float()).sum() / b
+    kl_z = kl_normal(post.z_mean.float(), post.z_logvar.float(), prior_mean.float(), prior_logvar.float()).sum() / b
+    return {"loss": recon + kl_f + kl_z, "recon": recon, "kl_f": kl_f, "kl_z": kl_z}
+
+
+# ----------------------------------------------------------------------------- training
+def pick_device(name="auto"):
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def seed_everything(seed):
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _autocast(device):
+    """bf16 autocast on CUDA; full precision on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+def build_model(config: Config, device=None):
+    """A DSAE on `device`, channels_last on CUDA."""
+    device = pick_device(config.device) if device is None else torch.device(device)
+    model = DSAE(config).to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def _scheduler(optimizer, config):
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def _atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path, text):
+    _atomic_write_bytes(path, text.encode())
+
+
+def _comparable(config: Config):
+    """Fields that must match for a run to be resumed (the epoch count may grow; the device may change)."""
+    d = dict(config.__dict__)
+    for k in ("epochs", "device", "compile", "run_dir"):
+        d.pop(k)
+    d["betas"] = list(d["betas"])
+    return d
+
+
+@torch.no_grad()
+def evaluate_elbo(model, batches):
+    """ELBO terms averaged over every sequence of `batches` (eval mode: BatchNorm running statistics)."""
+    model.eval()
+    sums, n = {}, 0
+    with _autocast(model.device):
+        for x in batches:
+            for k, v in elbo_terms(model, x).items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+            n += len(x)
+    return {k: v / n for k, v in sums.items()}
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode, checkpoint dict) from a checkpoint written by `train`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; train first (notebook 03 or `python dsvae_lib.py train`)")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = DSAE(Config(**ckpt["config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def train(config: Config, progress=True):
+    """Train a DSAE (Adam, Eq. 5) and return (model, history).
+
+    Each epoch ends with metrics.csv/.json and checkpoint.pt written atomically into config.path. A rerun
+    with the same config resumes from the last checkpoint (model, optimiser, scheduler, RNG state), so an
+    interrupted run loses at most one epoch; a finished run is just loaded. A non-finite loss stops the run
+    with the last good checkpoint kept.
+    """
+    import pandas as pd
+    device = pick_device(config.device)
+    run = config.path
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run / "checkpoint.pt"
+    seed_everything(config.seed)
+    model = build_model(config, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    scheduler = _scheduler(optimizer, config)
+    history, start = [], 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if _comparable(Config(**ckpt["config"])) != _comparable(config):
+            raise ValueError(f"{ckpt_path} was trained with a different configuration; use another run_dir "
+                             f"or delete {run} to start afresh")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        history, start = ckpt["history"], ckpt["epoch"]
+    _atomic_write_text(run / "config.json", json.dumps(config.__dict__, indent=1, default=list))
+    if start >= config.epochs:
+        return model.eval(), history
+
+    train_batches = Batches(load_sprites("train"), config.batch_size, device, seed=config.seed,
+                            limit=config.train_limit)
+    test_batches = Batches(load_sprites("test"), 100, device, shuffle=False, limit=config.eval_limit)
+    step = torch.compile(model) if config.compile else model
+    for epoch in range(start, config.epochs):
+        model.train()
+        train_batches.epoch = epoch
+        sums, n, t0 = {}, 0, time.time()
+        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        for x in bar:
+            with _autocast(device):
+                terms = elbo_terms(step, x)
+            if not torch.isfinite(terms["loss"]):
+                raise FloatingPointError(
+                    f"non-finite loss ({terms['loss'].item()}) in epoch {epoch + 1}; {ckpt_path} still holds the last "
+                    f"good epoch ({start}). Lower lr (now {config.lr}) or check the data, then rerun to resume.")
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+            n += len(x)
+            bar.set_postfix(loss=f"{terms['loss'].item():.0f}")
+        scheduler.step()
+        seconds = time.time() - t0
+        row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()},
+               **{f"test_{k}": v for k, v in evaluate_elbo(model, test_batches).items()},
+               "seconds": seconds, "seq_per_s": n / seconds, "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        _atomic_save({"config": config.__dict__, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                      "rng": {"torch": torch.get_rng_state(),
+                              "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}, ckpt_path)
+        _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))
+        _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))
+        start = epoch + 1
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}: loss {row['loss']:.1f} (recon {row['recon']:.1f}, KL_f {row['kl_f']:.2f}, "
+                       f"KL_z {row['kl_z']:.2f}), test loss {row['test_loss']:.1f}, {row['seq_per_s']:.1f} seq/s")
+    return model.eval(), history
+
+
+# ----------------------------------------------------------------------------- plotting
+def render_character(c, sheets=None):
+    """All 9 motions of character c composed straight from the sheets: uint8 (9, 8, 64, 64, 3)."""
+    return compose_character(_strips(str(find_sheets(sheets))), int(c))
+
+
+@functools.lru_cache(maxsize=2)
+def _strips(folder):
+    _check_sheets(folder)
+    return {rel: _motion_strip(Path(folder) / rel) for rel in SHEET_SHA256}
+
+
+def split_summary(train: Sprites, test: Sprites):
+    """One row per split: sequences, characters, motions per character, frame shape."""
+    import pandas as pd
+    rows = {}
+    for name, d in (("train", train), ("test", test)):
+        per_char = np.bincount(d.character, minlength=N_CHARACTERS)
+        rows[name] = {"sequences": len(d), "characters": len(np.unique(d.character)),
+                      "motions per character": int(per_char[per_char > 0].min()), "frames": str(d.frames.shape[1:])}
+    return pd.DataFrame(rows).T
+
+
+def label_counts(train: Sprites, test: Sprites):
+    """Sequences per label value in each split (attributes, action, direction)."""
+    import pandas as pd
+    rows = []
+    for name, d in (("train", train), ("test", test)):
+        labels = {**{a: d.attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "action": d.action,
+                  "direction": d.direction}
+        for label, values in labels.items():
+            for v, count in enumerate(np.bincount(values, minlength=6 if label in ATTRIBUTES else 3)):
+                rows.append({"split": name, "label": label, "value": v, "sequences": int(count)})
+    return pd.DataFrame(rows).pivot_table(index=["label", "value"], columns="split", values="sequences").astype(int)
+
+
+def grid(videos, gap=2):
+    """uint8 (R, T, H, W, 3) -> one image (R*H, T*W, 3) with white gaps between cells."""
+    videos = np.asarray(videos)
+    r, t, h, w, _ = videos.shape
+    out = np.full((r * (h + gap) - gap, t * (w + gap) - gap, 3), 255, np.uint8)
+    for i in range(r):
+        for j in range(t):
+            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = videos[i, j]
+    return out
+
+
+def show_grid(videos, row_labels=None, title=None, col_labels=None, scale=1.0, ax=None):
+    """Plot rows of frames (R, T, H, W, 3) with labelled rows; returns the figure."""
+    import matplotlib.pyplot as plt
+    videos = np.asarray(videos)
+    r, t = videos.shape[:2]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(scale * 1.1 * t + (1.5 if row_labels else 0), scale * 1.1 * r + 0.4))
+    ax.imshow(grid(videos))
+    h, w = videos.shape[2:4]
+    ax.set_yticks([i * (h + 2) + h / 2 for i in range(r)], row_labels or [])
+    ax.set_xticks([j * (w + 2) + w / 2 for j in range(t)], col_labels or [])
+    ax.tick_params(length=0)
+    for s in ax.spines.values():
+        s.set_visible(False)
+    if title:
+        ax.set_title(title)
+    return ax.figure
+
+
+def gif_bytes(videos, fps=8, scale=2):
+    """An animated GIF (bytes) of rows of videos (R, T, H, W, 3) playing side by side."""
+    import io
+    videos = np.asarray(videos)
+    frames = [Image.fromarray(grid(videos[:, t:t + 1].transpose(1, 0, 2, 3, 4))).resize(
+        (scale * (videos.shape[0] * (videos.shape[3] + 2) - 2), scale * videos.shape[2]), Image.NEAREST)
+        for t in range(videos.shape[1])]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
+    return buf.getvalue()
+
+
+def gif_html(videos, fps=8, scale=2):
+    """GIF embedded as an <img> (shows in JupyterLab and in the exported HTML alike)."""
+    import base64
+    from IPython.display import HTML
+    return HTML(f'<img src="data:image/gif;base64,{base64.b64encode(gif_bytes(videos, fps, scale)).decode()}"/>')
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="DSAE on Sprites (Li & Mandt 2018)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train (or resume) a profile")
+    p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="override config fields, e.g. --set q_z=full epochs=10")
+    sub.add_parser("data", help="build (or check) the data cache")
+    args = parser.parse_args(argv)
+    if args.command == "data":
+        print(build_cache())
+        return
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    config = make_config(args.profile, **overrides)
+    _, history = train(config)
+    print(json.dumps(history[-1], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared fixtures: the real LPC sheets and one Sprites cache built once per test session in a temp folder."""
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dsvae_lib  # noqa: E402
+
+# The real sheets: $DSVAE_SHEETS if set when the tests start, else the workplace's shared copy.
+SHEETS = Path(os.environ.get("DSVAE_SHEETS") or ROOT.parent / "shared" / "sprites-lpc")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch):
+    """No test may pick up a user's sheets/cache settings or route local HTTP through a proxy."""
+    for var in ("DSVAE_SHEETS", "DSVAE_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+
+
+@pytest.fixture(scope="session")
+def sheets_dir():
+    """Folder of the real LPC sheets (must hold every sheet the protocol pins)."""
+    missing = [rel for rel in dsvae_lib.SHEET_SHA256 if not (SHEETS / rel).is_file()]
+    if missing:
+        pytest.fail(f"real sprite sheets not found under {SHEETS} (missing {missing[:3]}...)")
+    return SHEETS
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """Session cache folder (never /work/main/data)."""
+    return tmp_path_factory.mktemp("sprites-cache")
+
+
+@pytest.fixture(scope="session")
+def cache_folder(sheets_dir, cache_dir):
+    """The cache built once from the real, verified sheets (~8 s)."""
+    return dsvae_lib.build_cache(sheets=sheets_dir, cache=cache_dir, verify=True)
+
+
+@pytest.fixture(scope="session")
+def train(sheets_dir, cache_dir, cache_folder):
+    return dsvae_lib.load_sprites("train", sheets=sheets_dir, cache=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def test_split(sheets_dir, cache_dir, cache_folder):
+    return dsvae_lib.load_sprites("test", sheets=sheets_dir, cache=cache_dir)
+
+
+@pytest.fixture
+def copy_sheets(sheets_dir):
+    """copy_sheets(dest, skip=()) copies only the protocol's sheets (SHEET_SHA256) into dest."""
+    def copy(dest, skip=()):
+        for rel in dsvae_lib.SHEET_SHA256:
+            if rel not in skip:
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(sheets_dir / rel, dest / rel)
+        return dest
+    return copy
