@@ -52,6 +52,8 @@ class Config:
     seed: int = 0
     device: str = "auto"            # "auto": CUDA if present, else CPU
     compile: bool = False           # torch.compile the model (CUDA)
+    bf16: bool = True               # bf16 autocast (CUDA only)
+    channels_last: bool = True      # channels-last memory format (CUDA only)
     run_dir: str | None = None      # default runs/<profile>-<q_z>
 
     def __post_init__(self):
@@ -194,8 +196,8 @@ def download_sheets(dest=None, url=SPRITES_URL):
         got = hashlib.sha256(payload).hexdigest()
         if got != SHEET_SHA256[rel]:
             raise SheetError(f"downloaded sheet {rel} from {url.format(path=rel)} is corrupted: sha256 {got}, "
-                             f"expected {SHEET_SHA256[rel]}. Nothing was cached; retry, or set DSVAE_SHEETS to a "
-                             f"verified local copy.")
+                             f"expected {SHEET_SHA256[rel]}. It was not saved (sheets verified before it were kept); "
+                             f"retry, or set DSVAE_SHEETS to a verified local copy.")
         _atomic_write_bytes(target, payload)
     return dest
 
@@ -213,8 +215,14 @@ def find_sheets(sheets=None):
 
 
 def _atomic_write_bytes(path, payload):
+    """Write to a temporary file beside `path`, then rename; the temporary file never outlives a failure."""
     with tempfile.NamedTemporaryFile(dir=Path(path).parent, delete=False, suffix=".part") as f:
-        f.write(payload)
+        try:
+            f.write(payload)
+        except BaseException:
+            os.unlink(f.name)
+            raise
+    os.chmod(f.name, 0o644)
     os.replace(f.name, path)
 
 
@@ -271,6 +279,9 @@ def build_cache(sheets=None, cache=None, verify=True):
         _build(folder, tmp)
         (tmp / "manifest.json").write_text(json.dumps({"protocol": PROTOCOL_VERSION, "sheets": str(folder),
                                                        "sha256": sums}, indent=1))
+        tmp.chmod(0o755)
+        if final.exists():  # a folder without manifest is not a cache: an interrupted copy by hand, say
+            shutil.rmtree(final)
         os.replace(tmp, final)
     except OSError:
         if not (final / "manifest.json").is_file():
@@ -319,6 +330,9 @@ def load_sprites(split, sheets=None, cache=None, verify=True, mmap=True):
 
 def to_model_input(frames_u8, device=None):
     """uint8 (B, T, H, W, C) -> float (B, T, C, H, W) in [-1, 1], converted on `device` after the copy."""
+    if frames_u8.dtype not in (np.uint8, torch.uint8):
+        raise TypeError(f"frames must be uint8 (0..255) as load_sprites returns them, not {frames_u8.dtype}; "
+                        f"convert float frames in [0, 1] with (frames * 255).round().astype(np.uint8)")
     x = frames_u8 if torch.is_tensor(frames_u8) else torch.from_numpy(np.array(frames_u8, dtype=np.uint8))
     x = x.to(device, non_blocking=True)
     return x.permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)
@@ -331,7 +345,7 @@ def to_uint8(x):
 
 
 class Batches:
-    """Shuffled mini-batches of model input from a uint8 tensor held whole in memory (on the GPU if any).
+    """Shuffled mini-batches (index, model input) from a uint8 tensor held whole in memory (on the GPU if any).
 
     The per-batch conversion replaces per-sample reads: one gather and one cast per batch.
     """
@@ -350,7 +364,8 @@ class Batches:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)) \
             if self.shuffle else torch.arange(n)
         for i in range(0, n, self.batch_size):
-            yield to_model_input(self.frames[order[i:i + self.batch_size].to(self.device)])
+            idx = order[i:i + self.batch_size].to(self.device)
+            yield idx, to_model_input(self.frames[idx])
 
 
 # ----------------------------------------------------------------------------- model: building blocks
@@ -561,6 +576,41 @@ class DSAE(nn.Module):
         return self.decode(f, z), f, z
 
 
+def parameter_counts(model: DSAE):
+    """Parameters per top-level module and in total."""
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
+    return {**counts, "total": sum(counts.values())}
+
+
+def trace_shapes(config: Config, batch=2):
+    """Tensor shapes through every layer for one batch of (batch, 8, 3, 64, 64), traced on the meta device
+    (no memory, no arithmetic: the paper configuration traces instantly on any machine)."""
+    import pandas as pd
+    rows = []
+
+    def shape(v):
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape)
+        if isinstance(v, (tuple, list)) and v:
+            return shape(v[0])
+        return None
+
+    def hook(name):
+        def record(module, args, out):
+            rows.append({"module": name, "layer": type(module).__name__, "input": shape(args),
+                         "output": shape(out), "parameters": sum(p.numel() for p in module.parameters(recurse=False))})
+        return record
+
+    with torch.device("meta"):
+        model = DSAE(config)
+        for name, module in model.named_modules():
+            if name and not list(module.children()) or isinstance(module, (nn.LSTM, nn.RNN)):
+                module.register_forward_hook(hook(name))
+        post, _ = model(torch.empty(batch, T, 3, 64, 64))
+        model.prior_z(post.z)
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------- objective
 def kl_normal(mean_q, logvar_q, mean_p=None, logvar_p=None):
     """Analytic KL(N(mean_q, var_q) || N(mean_p, var_p)) per dimension; p = N(0, I) when omitted."""
@@ -594,16 +644,16 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _autocast(device):
-    """bf16 autocast on CUDA; full precision on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def _autocast(device, bf16=True):
+    """bf16 autocast on CUDA (unless disabled); full precision on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
 
 def build_model(config: Config, device=None):
-    """A DSAE on `device`, channels_last on CUDA."""
+    """A DSAE on `device`, channels_last on CUDA when config.channels_last."""
     device = pick_device(config.device) if device is None else torch.device(device)
     model = DSAE(config).to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" and config.channels_last else model
 
 
 def _scheduler(optimizer, config):
@@ -627,7 +677,7 @@ def _atomic_write_text(path, text):
 def _comparable(config: Config):
     """Fields that must match for a run to be resumed (the epoch count may grow; the device may change)."""
     d = dict(config.__dict__)
-    for k in ("epochs", "device", "compile", "run_dir"):
+    for k in ("epochs", "device", "compile", "bf16", "channels_last", "run_dir"):
         d.pop(k)
     d["betas"] = list(d["betas"])
     return d
@@ -639,7 +689,7 @@ def evaluate_elbo(model, batches):
     model.eval()
     sums, n = {}, 0
     with _autocast(model.device):
-        for x in batches:
+        for _, x in batches:
             for k, v in elbo_terms(model, x).items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(x)
             n += len(x)
@@ -655,6 +705,17 @@ def load_checkpoint(path, device="cpu"):
     model = DSAE(Config(**ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
+
+
+def train_step(model, optimizer, x, config: Config):
+    """One Adam step on the negative ELBO of a batch; returns its terms (a non-finite loss is not applied)."""
+    with _autocast(x.device, config.bf16):
+        terms = elbo_terms(model, x)
+    if torch.isfinite(terms["loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+    return terms
 
 
 def train(config: Config, progress=True):
@@ -700,16 +761,12 @@ def train(config: Config, progress=True):
         train_batches.epoch = epoch
         sums, n, t0 = {}, 0, time.time()
         bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for x in bar:
-            with _autocast(device):
-                terms = elbo_terms(step, x)
+        for _, x in bar:
+            terms = train_step(step, optimizer, x, config)
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(
                     f"non-finite loss ({terms['loss'].item()}) in epoch {epoch + 1}; {ckpt_path} still holds the last "
                     f"good epoch ({start}). Lower lr (now {config.lr}) or check the data, then rerun to resume.")
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(x)
             n += len(x)
@@ -731,6 +788,270 @@ def train(config: Config, progress=True):
             tqdm.write(f"epoch {epoch + 1}: loss {row['loss']:.1f} (recon {row['recon']:.1f}, KL_f {row['kl_f']:.2f}, "
                        f"KL_z {row['kl_z']:.2f}), test loss {row['test_loss']:.1f}, {row['seq_per_s']:.1f} seq/s")
     return model.eval(), history
+
+
+# ----------------------------------------------------------------------------- evaluation: the judge
+@dataclass
+class JudgeConfig:
+    """A classifier of real sequences: skin, pants, top, hair (6 classes each) and the 9-way motion."""
+    width: int = 32
+    epochs: int = 4
+    batch_size: int = 50
+    lr: float = 1e-3
+    train_limit: int | None = None  # first N training sequences (smoke)
+    test_limit: int | None = None   # judge accuracy and every metric on the first N test sequences (smoke)
+    seed: int = 0
+
+
+JUDGE_PROFILES = {"smoke": dict(width=16, epochs=3, train_limit=1800, test_limit=270)}
+HEADS = (*ATTRIBUTES, "motion")
+
+
+def judge_config(profile):
+    """The judge used with a DSAE profile: a full judge for every profile but smoke."""
+    return JudgeConfig(**JUDGE_PROFILES.get(profile, {}))
+
+
+class Judge(nn.Module):
+    """Per-frame CNN (4 strided convs) -> attributes from the time-averaged features, motion from a bi-GRU."""
+
+    def __init__(self, c: JudgeConfig):
+        super().__init__()
+        w = c.width
+        layers, c_in = [], 3
+        for c_out in (w, 2 * w, 4 * w, 4 * w):  # 64 -> 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        self.frames = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 4 * w, 4 * w), nn.LeakyReLU(0.2))
+        self.gru = nn.GRU(4 * w, 2 * w, batch_first=True, bidirectional=True)
+        self.attributes = nn.Linear(4 * w, 4 * N_VARIANTS)
+        self.motion = nn.Linear(4 * w, 9)
+
+    def forward(self, x):
+        """x: (B, T, 3, 64, 64) in [-1, 1] -> {head: logits}."""
+        b, t = x.shape[:2]
+        h = self.frames(x.flatten(0, 1)).view(b, t, -1)
+        out, _ = self.gru(h)
+        attributes = self.attributes(h.mean(1)).view(b, 4, N_VARIANTS)
+        return {**{a: attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "motion": self.motion(out.mean(1))}
+
+
+def labels_of(data: Sprites):
+    """{head: int64 array} for a split."""
+    return {**{a: data.attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "motion": data.motion}
+
+
+@torch.no_grad()
+def judge_probs(judge, videos, batch_size=200):
+    """Softmax outputs {head: (N, classes)} for model-input videos (a tensor) or uint8 frames (an array)."""
+    judge.eval()
+    device = next(judge.parameters()).device
+    out = {h: [] for h in HEADS}
+    for i in range(0, len(videos), batch_size):
+        x = videos[i:i + batch_size]
+        x = x.to(device) if torch.is_tensor(x) and x.is_floating_point() else to_model_input(x, device)
+        for h, logits in judge(x).items():
+            out[h].append(logits.float().softmax(-1).cpu())
+    return {h: torch.cat(v).numpy() for h, v in out.items()}
+
+
+def judge_accuracy(judge, data: Sprites, limit=None):
+    """Accuracy of every head on (the first `limit` sequences of) a real split."""
+    n = len(data) if limit is None else limit
+    probs = judge_probs(judge, data.frames[:n])
+    return {h: float((probs[h].argmax(1) == labels_of(data)[h][:n]).mean()) for h in HEADS}
+
+
+def train_judge(config: JudgeConfig, path=None, progress=True):
+    """Train the judge on the real training split, or load it from `path` when it was trained on the same data.
+
+    The file is keyed by the data cache (sheet checksums, protocol version) and the judge config, so the judge
+    is retrained only when it is missing or the data changes. Returns (judge in eval mode, test accuracy).
+    """
+    data_key = build_cache().name
+    path = Path(path or ROOT / "runs" / f"judge-{data_key}-{hashlib.sha256(repr(config).encode()).hexdigest()[:8]}.pt")
+    device = pick_device()
+    judge = Judge(config).to(device)
+    if path.is_file():
+        saved = torch.load(path, map_location=device, weights_only=False)
+        judge.load_state_dict(saved["model"])
+        return judge.eval(), saved["test_accuracy"]
+    seed_everything(config.seed)
+    train_data, test_data = load_sprites("train"), load_sprites("test")
+    labels = {h: torch.as_tensor(v).to(device) for h, v in labels_of(train_data).items()}
+    batches = Batches(train_data, config.batch_size, device, seed=config.seed, limit=config.train_limit)
+    optimizer = torch.optim.Adam(judge.parameters(), lr=config.lr)
+    for epoch in range(config.epochs):
+        judge.train()
+        batches.epoch = epoch
+        bar = tqdm(batches, disable=not progress, desc=f"judge epoch {epoch + 1}/{config.epochs}", leave=False)
+        for idx, x in bar:
+            with _autocast(device):
+                logits = judge(x)
+            loss = sum(F.cross_entropy(logits[h].float(), labels[h][idx]) for h in HEADS)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    accuracy = judge_accuracy(judge, test_data, config.test_limit)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save({"model": judge.state_dict(), "config": config.__dict__, "data": data_key,
+                  "test_accuracy": accuracy}, path)
+    return judge.eval(), accuracy
+
+
+# ----------------------------------------------------------------------------- evaluation: the metrics
+PUBLISHED = {  # judge protocol of S3VAE / C-DSVAE on Sprites (PROTOCOL.md): dynamics kept, content resampled
+    "DSVAE (published)": {"accuracy %": 90.73, "IS": 8.384, "H(y|x)": 0.072, "H(y)": 2.192},
+    "limit": {"accuracy %": 100.0, "IS": 9.0, "H(y|x)": 0.0, "H(y)": float(np.log(9))},
+}
+
+
+def inception_score(probs):
+    """IS = exp(E_x KL(p(y|x) || p(y))) = exp(H(y) - H(y|x)), with H(y|x) = E_x H(p(y|x)), H(y) = H(E_x p(y|x)); nats."""
+    probs = np.asarray(probs, dtype=np.float64)
+    marginal = probs.mean(0)
+    plogp = lambda p: np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)  # 0 log 0 = 0
+    h_y_given_x = float(-plogp(probs).sum(1).mean())
+    h_y = float(-plogp(marginal).sum())
+    return {"IS": float(np.exp(h_y - h_y_given_x)), "H(y|x)": h_y_given_x, "H(y)": h_y}
+
+
+def balanced_subset(labels, seed=0):
+    """Indices with the same number of sequences of every class (the smallest class count)."""
+    rng = np.random.RandomState(seed)
+    n = np.bincount(labels).min()
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == k), n, replace=False)
+                                   for k in np.unique(labels)]))
+
+
+@torch.no_grad()
+def _decode_all(model, f, z, batch_size=100):
+    return torch.cat([model.decode(f[i:i + batch_size], z[i:i + batch_size]).float().cpu()
+                      for i in range(0, len(f), batch_size)])
+
+
+@torch.no_grad()
+def encode_all(model, data: Sprites, limit=None, batch_size=100):
+    """Posterior means (f, z) of (the first `limit` sequences of) a split, on the model's device."""
+    model.eval()
+    n = len(data) if limit is None else min(limit, len(data))
+    fs, zs = [], []
+    for i in range(0, n, batch_size):
+        post = model.encode(to_model_input(data.frames[i:min(i + batch_size, n)], model.device), sample=False)
+        fs.append(post.f)
+        zs.append(post.z)
+    return torch.cat(fs), torch.cat(zs)
+
+
+def _accuracy(probs, labels):
+    return float((probs.argmax(1) == labels).mean())
+
+
+@torch.no_grad()
+def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=True):
+    """Every disentanglement metric on the test split, per sampling seed.
+
+    1. f kept, z_1:T ~ p(z): judge accuracy of the 4 attributes (the paper's test);
+    2. z_1:T kept, f ~ p(f): 9-way motion accuracy, IS, H(y|x), H(y) on a class-balanced subset (S3VAE, C-DSVAE);
+    3. swap f_a with z_b for random pairs: attributes of a, motion of b;
+    4. reconstruction: per-pixel MSE (pixels in [0, 1]) and PSNR.
+    Returns (per-seed rows, extra) where extra holds the judge's predictions for confusion matrices.
+    """
+    model.eval()
+    f, z = encode_all(model, data, limit)
+    n = len(f)
+    labels = {h: v[:n] for h, v in labels_of(data).items()}
+    balanced = balanced_subset(labels["motion"])
+    x = to_model_input(data.frames[:n])
+    recon = _decode_all(model, f, z)
+    mse = float(((recon.clamp(-1, 1) - x) / 2).pow(2).mean())
+    rows, extra = [], {}
+    for seed in tqdm(seeds, desc="sampling seeds", disable=not progress):
+        torch.manual_seed(seed)
+        row = {"seed": seed, "recon MSE": mse, "recon PSNR": float(10 * np.log10(1 / mse))}
+        keep_f = judge_probs(judge, _decode_all(model, f, model.sample_z(n)))
+        for a in ATTRIBUTES:
+            row[f"f kept: {a}"] = _accuracy(keep_f[a], labels[a])
+        row["f kept: attributes"] = float(np.mean([row[f"f kept: {a}"] for a in ATTRIBUTES]))
+        keep_z = judge_probs(judge, _decode_all(model, model.sample_f(n), z))
+        row["z kept: motion"] = _accuracy(keep_z["motion"][balanced], labels["motion"][balanced])
+        row.update({f"z kept: {k}": v for k, v in inception_score(keep_z["motion"][balanced]).items()})
+        perm = torch.from_numpy(np.random.RandomState(seed).permutation(n))
+        swap = judge_probs(judge, _decode_all(model, f, z[perm.to(z.device)]))
+        row["swap: attributes of a"] = float(np.mean([_accuracy(swap[a], labels[a]) for a in ATTRIBUTES]))
+        row["swap: motion of b"] = _accuracy(swap["motion"], labels["motion"][perm.numpy()])
+        rows.append(row)
+        if seed == seeds[0]:
+            extra = {"f kept": keep_f, "z kept": keep_z, "swap": swap, "swap perm": perm.numpy(), "labels": labels}
+    return rows, extra
+
+
+def summarise(rows):
+    """Mean and standard deviation over seeds of every metric: a DataFrame (metric x [mean, std])."""
+    import pandas as pd
+    df = pd.DataFrame(rows).drop(columns="seed")
+    return pd.DataFrame({"mean": df.mean(), "std": df.std(ddof=1) if len(df) > 1 else 0.0})
+
+
+def judge_protocol_table(summaries):
+    """Our 'dynamics kept, content resampled' rows beside the published DSVAE row and the limits."""
+    import pandas as pd
+    table = {}
+    for name, s in summaries.items():
+        scale = {"motion": 100}
+        table[name] = {k: f"{scale.get(key, 1) * s.loc[f'z kept: {key}', 'mean']:.4g} "
+                          f"± {scale.get(key, 1) * s.loc[f'z kept: {key}', 'std']:.2g}"
+                       for k, key in (("accuracy %", "motion"), ("IS", "IS"), ("H(y|x)", "H(y|x)"), ("H(y)", "H(y)"))}
+    for name, row in PUBLISHED.items():
+        table[name] = {k: f"{v:.4g}" for k, v in row.items()}
+    return pd.DataFrame(table).T
+
+
+def trained_runs(profile):
+    """{q_z: checkpoint path} of the finished-or-partial runs of a profile under runs/."""
+    runs = {q: make_config(profile, q_z=q).path / "checkpoint.pt" for q in ("factorised", "full")}
+    return {q: p for q, p in runs.items() if p.is_file()}
+
+
+def figures_dir(profile):
+    """figures/ for real runs; the smoke profile (CI) writes to runs/smoke-figures/ and never touches figures/."""
+    return ROOT / "runs" / "smoke-figures" if profile == "smoke" else ROOT / "figures"
+
+
+def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True):
+    """Judge accuracy and every metric for each trained q variant of `profile`; written as JSON to `out`
+    (default: metrics.json in figures_dir(profile)).
+
+    Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std}}, "extra": ...}.
+    """
+    runs = trained_runs(profile)
+    if not runs:
+        raise FileNotFoundError(f"no trained run of profile {profile!r} under {ROOT / 'runs'}; run notebook 03 "
+                                f"or `python dsvae_lib.py train --profile {profile}` first")
+    jc = judge_config(profile)
+    judge, judge_acc = train_judge(jc, progress=progress)
+    test = load_sprites("test")
+    device = pick_device()
+    judge = judge.to(device)
+    result = {"profile": profile, "data": build_cache().name, "test sequences": jc.test_limit or len(test),
+              "seeds": list(seeds), "judge": {"config": jc.__dict__, "test accuracy": judge_acc},
+              "published": PUBLISHED, "runs": {}}
+    extra = {}
+    for q, path in runs.items():
+        model, ckpt = load_checkpoint(path, device)
+        rows, extra[q] = evaluate(model, judge, test, seeds, jc.test_limit, progress)
+        summary = summarise(rows)
+        result["runs"][q] = {"checkpoint": str(path.relative_to(ROOT)), "checkpoint sha256": sha256(path),
+                             "epochs": ckpt["epoch"], "config": ckpt["config"],
+                             "train seconds": sum(r["seconds"] for r in ckpt["history"]),
+                             "final ELBO terms": {k: ckpt["history"][-1][k] for k in
+                                                  ("loss", "recon", "kl_f", "kl_z", "test_loss")},
+                             "rows": rows, "summary": {k: dict(v) for k, v in summary.T.items()}}
+    out = Path(out or figures_dir(profile) / "metrics.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out, json.dumps(result, indent=1, default=list))
+    return {**result, "extra": extra}
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -816,6 +1137,166 @@ def gif_html(videos, fps=8, scale=2):
     import base64
     from IPython.display import HTML
     return HTML(f'<img src="data:image/gif;base64,{base64.b64encode(gif_bytes(videos, fps, scale)).decode()}"/>')
+
+
+def plot_history(history, title=None):
+    """Learning curves: the negative ELBO and its three terms per epoch, train and held-out test."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+    df = pd.DataFrame(history)
+    terms = [("loss", "negative ELBO"), ("recon", "reconstruction (SSE)"), ("kl_f", "KL(q(f|x) || p(f))"),
+             ("kl_z", "sum_t KL(q(z_t) || p(z_t|z<t))")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    for ax, (key, label) in zip(axes, terms):
+        long = pd.DataFrame({"epoch": np.concatenate([df.epoch, df.epoch]),
+                             "value": np.concatenate([df[key], df[f"test_{key}"]]),
+                             "split": ["train"] * len(df) + ["test"] * len(df)})
+        sns.lineplot(long, x="epoch", y="value", hue="split", marker="o", ax=ax)
+        ax.set_title(label)
+        ax.set_ylabel("nats per sequence")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def reconstruct(model, x):
+    """Decode the posterior means of x."""
+    post = model.encode(x, sample=False)
+    return model.decode(post.f, post.z)
+
+
+def interleave(*videos):
+    """Rows a0, b0, ..., a1, b1, ...: each original above its counterparts."""
+    return np.stack([v[i] for i in range(len(videos[0])) for v in videos])
+
+
+def save_figure(fig, name, folder):
+    """Save a matplotlib figure as <folder>/<name>.png."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(folder) / f"{name}.png", dpi=100, bbox_inches="tight")
+    return Path(folder) / f"{name}.png"
+
+
+def save_gif(videos, name, folder, fps=8, scale=2):
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(Path(folder) / f"{name}.gif", gif_bytes(videos, fps, scale))
+    return Path(folder) / f"{name}.gif"
+
+
+@torch.no_grad()
+def swap_grid(model, x_f, x_z):
+    """Videos (1 + R, 1 + M): row 0 holds the M dynamics sources, column 0 the R content sources, cell (i, j)
+    decodes f of x_f[i] with z_1:T of x_z[j]. uint8 (R+1, M+1, T, 64, 64, 3), blank corner."""
+    f = model.encode(x_f, sample=False).f
+    z = model.encode(x_z, sample=False).z
+    r, m = len(x_f), len(x_z)
+    cells = model.decode(f.repeat_interleave(m, 0), z.repeat(r, 1, 1))
+    out = np.full((r + 1, m + 1, *to_uint8(x_f).shape[1:]), 255, np.uint8)
+    out[0, 1:], out[1:, 0] = to_uint8(x_z), to_uint8(x_f)
+    out[1:, 1:] = to_uint8(cells).reshape(r, m, *out.shape[2:])
+    return out
+
+
+def show_swap_grid(videos, frames=(0, 2, 4, 6), title=None):
+    """Plot a swap_grid: each cell shows a few frames side by side."""
+    import matplotlib.pyplot as plt
+    r, m = videos.shape[:2]
+    fig, axes = plt.subplots(r, m, figsize=(1.0 * len(frames) * m, 1.15 * r))
+    for i in range(r):
+        for j in range(m):
+            ax = axes[i, j]
+            ax.imshow(grid(videos[i, j][list(frames)][None]))
+            ax.set_xticks([]), ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+    axes[0, 0].text(0.5, 0.5, "f from row,\nz from column", ha="center", va="center", transform=axes[0, 0].transAxes)
+    for j in range(1, m):
+        axes[0, j].set_title(f"z source {j}", fontsize=9)
+    for i in range(1, r):
+        axes[i, 0].set_ylabel(f"f source {i}", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def generations(model, x, fix, draws=3, seed=0):
+    """For each sequence of x: the original, then `draws` generations keeping its f (or z). uint8 rows."""
+    torch.manual_seed(seed)
+    samples = [to_uint8(model.generate(fix, x)[0]) for _ in range(draws)]
+    return interleave(to_uint8(x), *samples)
+
+
+def latent_embedding(model, data: Sprites, limit=None, method="pca", seed=0):
+    """2-D embeddings of the posterior means f and z_1:T (flattened) of a split: {"f": (N, 2), "z": (N, 2)}."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    f, z = encode_all(model, data, limit)
+    reduce = (lambda a: PCA(2, random_state=seed).fit_transform(a)) if method == "pca" else \
+        (lambda a: TSNE(2, init="pca", random_state=seed, perplexity=30).fit_transform(a))
+    return {"f": reduce(f.float().cpu().numpy()), "z": reduce(z.flatten(1).float().cpu().numpy())}
+
+
+def plot_latents(embedding, data: Sprites, method="pca"):
+    """Rows f and z, columns coloured by skin, pants, top, hair and motion: which factor lives where."""
+    import matplotlib.pyplot as plt
+    n = len(embedding["f"])
+    labels = {h: v[:n] for h, v in labels_of(data).items()}
+    fig, axes = plt.subplots(2, 5, figsize=(19, 7.5))
+    for i, part in enumerate(("f", "z")):
+        for j, head in enumerate(HEADS):
+            ax = axes[i, j]
+            pts = ax.scatter(*embedding[part].T, c=labels[head], cmap="tab10" if head == "motion" else "Set2",
+                             s=4, alpha=0.8)
+            ax.set_title(f"{part} coloured by {head}")
+            ax.set_xticks([]), ax.set_yticks([])
+            if i == 1:
+                names = MOTIONS if head == "motion" else [str(k) for k in range(N_VARIANTS)]
+                ax.legend(pts.legend_elements()[0], names, fontsize=7, markerscale=0.8, loc="best")
+    fig.suptitle(f"{method.upper()} of the test posteriors: f should separate attributes, z motions")
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusions(extra):
+    """Judge confusion matrices on generated sequences: attributes with f kept, motion with z kept."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from sklearn.metrics import confusion_matrix
+    labels = extra["labels"]
+    fig, axes = plt.subplots(1, 5, figsize=(24, 4.6), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.6]})
+    for ax, head in zip(axes, HEADS):
+        source = "z kept" if head == "motion" else "f kept"
+        k = 9 if head == "motion" else N_VARIANTS
+        cm = confusion_matrix(labels[head], extra[source][head].argmax(1), labels=range(k), normalize="true")
+        names = MOTIONS if head == "motion" else range(k)
+        sns.heatmap(cm, annot=k <= 6, fmt=".2f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=ax,
+                    xticklabels=names, yticklabels=names)
+        ax.set_title(f"{head} ({source}, resampled {'f' if head == 'motion' else 'z'})")
+        ax.set_xlabel("judge")
+        ax.set_ylabel("true")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def latent_walk(model, x, part="f", direction=0, offsets=(-3, -1.5, 0, 1.5, 3), t=None):
+    """Decode x's posterior means with `part` moved along a unit direction (index of a dimension of f, or of
+    z_t at every step when t is None). Returns uint8 (len(offsets), T, 64, 64, 3) for one sequence x[:1]."""
+    post = model.encode(x[:1], sample=False)
+    rows = []
+    for a in offsets:
+        f, z = post.f.clone(), post.z.clone()
+        if part == "f":
+            f[:, direction] += a
+        else:
+            z[:, slice(None) if t is None else t, direction] += a
+        rows.append(to_uint8(model.decode(f, z))[0])
+    return np.stack(rows)
 
 
 # ----------------------------------------------------------------------------- command line

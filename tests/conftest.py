@@ -15,15 +15,6 @@ import dsvae_lib  # noqa: E402
 SHEETS = Path(os.environ.get("DSVAE_SHEETS") or ROOT.parent / "shared" / "sprites-lpc")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_env(monkeypatch):
-    """No test may pick up a user's sheets/cache settings or route local HTTP through a proxy."""
-    for var in ("DSVAE_SHEETS", "DSVAE_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "*")
-    monkeypatch.setenv("NO_PROXY", "*")
-
-
 @pytest.fixture(scope="session")
 def sheets_dir():
     """Folder of the real LPC sheets (must hold every sheet the protocol pins)."""
@@ -35,8 +26,10 @@ def sheets_dir():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """Session cache folder (never /work/main/data)."""
-    return tmp_path_factory.mktemp("sprites-cache")
+    """Session cache folder (never /work/main/data); removed at the end, as it holds ~1.2 GB."""
+    folder = tmp_path_factory.mktemp("sprites-cache")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

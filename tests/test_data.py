@@ -3,7 +3,6 @@
 All tests use the real LPC sheets; caches live in temp folders (see conftest.py).
 """
 import functools
-import os
 import shutil
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,16 @@ from PIL import Image
 
 import dsvae_lib
 from dsvae_lib import SheetError
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch):
+    """No test here may pick up a user's sheets/cache settings or route local HTTP through a proxy."""
+    for var in ("DSVAE_SHEETS", "DSVAE_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+
 
 # ----------------------------------------------------------------------------- PROTOCOL.md, written out again
 # Deliberately NOT imported from dsvae_lib: the test re-states the protocol so that it checks it independently.
@@ -137,7 +146,7 @@ def sheet_server(tmp_path, copy_sheets):
             super().do_GET()
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield SimpleNamespace(root=root, requests=requests,
@@ -271,10 +280,12 @@ def diff_positions(a, b, chunk=500):
     """(sequence, frame, y, x) of every pixel where two frame arrays differ, compared in chunks."""
     hits = []
     for i in range(0, len(a), chunk):
-        d = np.argwhere((np.asarray(a[i:i + chunk]) != np.asarray(b[i:i + chunk])).any(axis=-1))
-        d[:, 0] += i
-        hits.append(d)
-    return np.concatenate(hits)
+        ca, cb = np.ascontiguousarray(a[i:i + chunk]), np.ascontiguousarray(b[i:i + chunk])
+        seqs = np.flatnonzero((ca.reshape(len(ca), -1).view(np.uint64)  # fast: which sequences differ at all
+                               != cb.reshape(len(cb), -1).view(np.uint64)).any(axis=1))
+        for s in seqs:  # exact: where they differ
+            hits += [(i + s, *pos) for pos in np.argwhere((ca[s] != cb[s]).any(axis=-1))]
+    return np.array(hits, dtype=np.int64).reshape(-1, 4)
 
 
 def test_changed_sheet_rebuilds_into_new_folder(tmp_path, copy_sheets, sheets_dir, cache_dir, cache_folder,
@@ -323,7 +334,7 @@ def test_to_model_input_scaling_and_round_trip(test_split):
     x = dsvae_lib.to_model_input(frames)
     assert x.dtype == torch.float32 and tuple(x.shape) == (4, 8, 3, 64, 64)
     assert x.min() >= -1 and x.max() <= 1
-    np.testing.assert_array_equal(x.permute(0, 1, 3, 4, 2).numpy(), frames / 127.5 - 1)  # channel order kept
+    np.testing.assert_allclose(x.permute(0, 1, 3, 4, 2).numpy(), frames / 127.5 - 1, rtol=0, atol=1e-6)  # (C,H,W)
     np.testing.assert_array_equal(dsvae_lib.to_uint8(x), frames)
 
     every_value = np.arange(256, dtype=np.uint8).reshape(1, 1, 1, 256, 1).repeat(3, axis=-1)  # all byte values
@@ -334,19 +345,26 @@ def test_to_model_input_scaling_and_round_trip(test_split):
 
 
 def test_batches_in_order(test_split):
-    """Batches(shuffle=False, limit=10) yields ceil(10/4) batches that cover the first 10 sequences in order."""
+    """Batches(shuffle=False, limit=10) yields ceil(10/4) (index, input) batches covering the first 10 in order."""
     batches = dsvae_lib.Batches(test_split, batch_size=4, shuffle=False, limit=10)
     got = list(batches)
-    assert len(batches) == 3 and [len(b) for b in got] == [4, 4, 2]
+    assert len(batches) == 3 and [len(x) for _, x in got] == [4, 4, 2]
+    assert torch.cat([idx for idx, _ in got]).tolist() == list(range(10))
     expected = dsvae_lib.to_model_input(np.asarray(test_split.frames[:10]))
-    torch.testing.assert_close(torch.cat(got), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([x for _, x in got]), expected, rtol=0, atol=0)
 
 
 def test_batches_shuffled_cover_same_sequences(test_split):
-    """Batches(shuffle=True) yields every one of the first `limit` sequences exactly once per epoch."""
+    """Batches(shuffle=True) yields each of the first `limit` sequences once per epoch, with the right index;
+    the order is fixed by (seed, epoch): the same pair repeats it, another epoch changes it."""
     batches = dsvae_lib.Batches(test_split, batch_size=3, shuffle=True, seed=1, limit=7)
-    got = torch.cat(list(batches))
+    got = list(batches)
+    order = torch.cat([idx for idx, _ in got])
+    assert sorted(order.tolist()) == list(range(7)) and order.tolist() != list(range(7))
     expected = dsvae_lib.to_model_input(np.asarray(test_split.frames[:7]))
-    assert got.shape == expected.shape
-    match = [[torch.equal(g, e) for e in expected] for g in got]
-    assert sorted(row.index(True) for row in match) == list(range(7))
+    torch.testing.assert_close(torch.cat([x for _, x in got]), expected[order], rtol=0, atol=0)
+
+    again = dsvae_lib.Batches(test_split, batch_size=3, shuffle=True, seed=1, limit=7)
+    assert torch.cat([idx for idx, _ in again]).tolist() == order.tolist()
+    again.epoch = 1
+    assert torch.cat([idx for idx, _ in again]).tolist() != order.tolist()

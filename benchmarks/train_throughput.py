@@ -1,0 +1,105 @@
+"""Training throughput of DSAE: sequences/s and peak memory of one training step, per profile and mode.
+
+    python benchmarks/train_throughput.py [--profiles smoke cpu paper] [--steps 3] [--out benchmarks/results.json]
+
+Every (profile, mode) runs in a fresh process so its peak memory is its own. On the CPU the mode is fp32 eager;
+on CUDA the paper configuration is also run as bf16 + channels_last (+ torch.compile) and the speed-up over
+fp32 eager is reported. The data path (gather a batch from the resident uint8 tensor, convert to float) is timed
+on its own and reported as a fraction of the step time.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODES = {"fp32 eager": dict(bf16=False, channels_last=False, compile=False),
+         "bf16 + channels_last": dict(bf16=True, channels_last=True, compile=False),
+         "bf16 + channels_last + compile": dict(bf16=True, channels_last=True, compile=True)}
+
+
+def measure(profile, mode, steps):
+    """Run in a child process: time `steps` training steps after warm-up, and the data path alone."""
+    import torch
+    import dsvae_lib as dsae
+    config = dsae.make_config(profile, device="auto", **MODES[mode])
+    device = dsae.pick_device(config.device)
+    dsae.seed_everything(0)
+    data = dsae.load_sprites("train")
+    batches = dsae.Batches(data, config.batch_size, device, seed=0, limit=config.batch_size * (steps + 2))
+    model = dsae.build_model(config, device)
+    step_model = torch.compile(model) if config.compile else model
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    it = iter(batches)
+    dsae.train_step(step_model, optimizer, next(it)[1], config)  # warm-up (and compilation)
+    dsae.train_step(step_model, optimizer, next(it)[1], config)
+    sync()
+    xs = [x for _, x in it]
+    t0 = time.perf_counter()
+    for x in xs:
+        terms = dsae.train_step(step_model, optimizer, x, config)
+    sync()
+    step_s = (time.perf_counter() - t0) / len(xs)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        for _ in batches:
+            pass
+    sync()
+    data_s = (time.perf_counter() - t0) / (3 * len(batches))
+    params = sum(p.numel() for p in model.parameters())
+    return {"profile": profile, "mode": mode, "device": torch.cuda.get_device_name() if device.type == "cuda"
+            else f"cpu ({torch.get_num_threads()} threads)", "parameters": params, "batch": config.batch_size,
+            "step_s": step_s, "seq_per_s": config.batch_size / step_s, "data_s": data_s,
+            "data_fraction": data_s / step_s, "loss": float(terms["loss"]),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mib": base_rss,
+            "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profiles", nargs="*", default=["smoke", "cpu", "paper"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after two warm-up steps")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "train_throughput.json"))
+    parser.add_argument("--child", nargs=2, metavar=("PROFILE", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(*args.child, args.steps)))
+        return
+    import torch
+    modes = list(MODES) if torch.cuda.is_available() else ["fp32 eager"]
+    rows = []
+    for profile in args.profiles:
+        for mode in modes if profile in ("paper", "gpu") else modes[:1]:
+            out = subprocess.run([sys.executable, __file__, "--child", profile, mode, "--steps", str(args.steps)],
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{r['profile']:6} {r['mode']:31} {r['parameters'] / 1e6:8.2f}M {r['step_s']:9.3f} s/step "
+                  f"{r['seq_per_s']:8.1f} seq/s  data {100 * r['data_fraction']:5.2f} %  "
+                  f"peak RSS {r['peak_rss_mib']:7.0f} MiB" + (f"  peak CUDA {r['peak_cuda_mib']:.0f} MiB"
+                                                            if r['peak_cuda_mib'] else ""), flush=True)
+    eager = {r["profile"]: r["seq_per_s"] for r in rows if r["mode"] == "fp32 eager"}
+    for r in rows:
+        r["speedup_vs_fp32_eager"] = r["seq_per_s"] / eager[r["profile"]]
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rows": rows},
+                                         indent=1))
+    print(f"\n{'profile':8}{'mode':33}{'params':>10}{'s/step':>10}{'seq/s':>9}{'data %':>8}{'speed-up':>10}"
+          f"{'peak MiB':>10}")
+    for r in rows:
+        peak = r["peak_cuda_mib"] or r["peak_rss_mib"]
+        print(f"{r['profile']:8}{r['mode']:33}{r['parameters'] / 1e6:9.2f}M{r['step_s']:10.3f}{r['seq_per_s']:9.1f}"
+              f"{100 * r['data_fraction']:8.2f}{r['speedup_vs_fp32_eager']:10.2f}{peak:10.0f}")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

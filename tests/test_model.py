@@ -1,0 +1,216 @@
+"""The DSAE model, its ELBO and the training loop (smoke profile on the real Sprites data)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import dsvae_lib as dsae
+
+
+def conv(c_in, c_out, k=5):
+    return c_in * c_out * k * k + c_out
+
+
+def lin(d_in, d_out):
+    return d_in * d_out + d_out
+
+
+def lstm(d_in, h, directions=1):
+    return directions * 4 * (d_in * h + h * h + 2 * h)
+
+
+def expected_counts(c):
+    """Parameter counts written out from the architecture of the paper (BatchNorm: 2 per channel)."""
+    ch, bn = c.channels, lambda n: 2 * n
+    encoder = (conv(3, ch) + 3 * conv(ch, ch) + 4 * bn(ch) + lin(64 * ch, c.enc_hidden) + bn(c.enc_hidden)
+               + lin(c.enc_hidden, c.frame_dim) + bn(c.frame_dim))
+    q_f = lstm(c.frame_dim, c.rnn_hidden, 2) + 2 * lin(2 * c.rnn_hidden, c.f_dim)
+    if c.q_z == "factorised":
+        q_z = lin(c.frame_dim, c.rnn_hidden) + 2 * lin(c.rnn_hidden, c.z_dim)
+    else:
+        rnn = 2 * c.rnn_hidden * c.rnn_hidden + c.rnn_hidden * c.rnn_hidden + 2 * c.rnn_hidden
+        q_z = lstm(c.frame_dim + c.f_dim, c.rnn_hidden, 2) + rnn + 2 * lin(c.rnn_hidden, c.z_dim)
+    prior = lstm(c.z_dim, c.rnn_hidden) + 2 * lin(c.rnn_hidden, c.z_dim)
+    decoder = (lin(c.f_dim + c.z_dim, c.dec_hidden) + bn(c.dec_hidden) + lin(c.dec_hidden, 64 * ch) + bn(64 * ch)
+               + 3 * (conv(ch, ch) + bn(ch)) + conv(ch, 3))
+    return {"encoder": encoder, "q_f": q_f, "q_z": q_z, "prior_z": prior, "decoder": decoder}
+
+
+@pytest.mark.parametrize("profile", ["paper", "cpu", "smoke"])
+@pytest.mark.parametrize("q_z", ["factorised", "full"])
+def test_parameter_counts(profile, q_z):
+    config = dsae.make_config(profile, q_z=q_z)
+    with torch.device("meta"):
+        counts = dsae.parameter_counts(dsae.DSAE(config))
+    expected = expected_counts(config)
+    assert {k: counts[k] for k in expected} == expected
+    if profile == "paper":  # the paper's model is about 177M parameters with the full q(z|x)
+        assert 160e6 < counts["total"] < 180e6
+
+
+@pytest.mark.parametrize("profile", ["paper", "smoke"])
+@pytest.mark.parametrize("q_z", ["factorised", "full"])
+def test_shapes_of_every_module(profile, q_z):
+    c = dsae.make_config(profile, q_z=q_z)
+    table = dsae.trace_shapes(c, batch=3).set_index("module")
+    frames = 3 * dsae.T
+    assert table.loc["encoder.conv.0", "output"] == (frames, c.channels, 64, 64)
+    assert [table.loc[f"encoder.conv.{i}", "output"][2] for i in (3, 6, 9)] == [32, 16, 8]
+    assert table.loc["encoder.fc.3", "output"] == (frames, c.frame_dim)
+    assert table.loc["q_f.head.mean", "output"] == (3, c.f_dim)
+    assert table.loc["q_z.head.logvar", "output"] == (3, dsae.T, c.z_dim)
+    assert table.loc["decoder.fc.0", "input"] == (frames, c.f_dim + c.z_dim)
+    assert table.loc["decoder.fc.3", "output"] == (frames, 64 * c.channels)
+    assert [table.loc[f"decoder.deconv.{i}", "output"][2] for i in (0, 3, 6)] == [16, 32, 64]
+    assert table.loc["decoder.deconv.10", "output"] == (frames, 3, 64, 64)
+    assert table.loc["prior_z.head.mean", "output"] == (3, dsae.T, c.z_dim)
+
+
+def test_kl_matches_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mq, lq, mp, lp = (torch.randn(64, 7, generator=g) for _ in range(4))
+    q = torch.distributions.Normal(mq, torch.exp(0.5 * lq))
+    p = torch.distributions.Normal(mp, torch.exp(0.5 * lp))
+    std = torch.distributions.Normal(torch.zeros_like(mq), torch.ones_like(mq))
+    torch.testing.assert_close(dsae.kl_normal(mq, lq, mp, lp), torch.distributions.kl_divergence(q, p))
+    torch.testing.assert_close(dsae.kl_normal(mq, lq), torch.distributions.kl_divergence(q, std))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return dsae.to_model_input(dsae.load_sprites("train").frames[:4])
+
+
+@pytest.mark.parametrize("q_z", ["factorised", "full"])
+def test_prior_is_evaluated_on_the_posterior_samples(batch, q_z):
+    """KL_z compares q(z_t|.) with p(z_t | z_<t) where z_<t are the posterior samples of the same sequence."""
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke", q_z=q_z))
+    seen = {}
+    model.prior_z.register_forward_hook(lambda m, args, out: seen.update(prior_input=args[0]))
+    encode = model.encode
+    model.encode = lambda x, sample=True: seen.setdefault("post", encode(x, sample))
+    terms = dsae.elbo_terms(model, batch)
+    post = seen["post"]
+    assert torch.equal(seen["prior_input"], post.z)
+    mean_p, logvar_p = model.prior_z(post.z)
+    expected = dsae.kl_normal(post.z_mean, post.z_logvar, mean_p, logvar_p).sum() / len(batch)
+    torch.testing.assert_close(terms["kl_z"], expected)
+
+
+def test_prior_is_causal_and_starts_from_zero():
+    """p(z_t | z_<t): step t sees z_1..z_{t-1} only; step 1 sees z_0 = 0, whatever the sequence."""
+    torch.manual_seed(0)
+    prior = dsae.DynamicsPrior(dsae.make_config("smoke"))
+    z = torch.randn(2, dsae.T, 8)
+    mean, _ = prior(z)
+    z2 = z.clone()
+    z2[:, 3] += 1.0
+    mean2, _ = prior(z2)
+    torch.testing.assert_close(mean[:, :4], mean2[:, :4])
+    assert not torch.allclose(mean[:, 4:], mean2[:, 4:])
+    first, _ = prior.head(prior.lstm(torch.zeros(2, 1, 8))[0])
+    torch.testing.assert_close(mean[:, :1], first)
+
+
+def test_one_step_lowers_the_loss(batch):
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke"))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss():
+        torch.manual_seed(1)  # the same reparameterisation noise before and after the step
+        return dsae.elbo_terms(model, batch)["loss"]
+
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    assert loss().item() < before.item()
+
+
+def test_generation_keeps_what_it_promises(batch):
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke", q_z="full")).eval()
+    with torch.no_grad():
+        post = model.encode(batch, sample=False)
+    x, f, z = model.generate("f", batch)
+    assert torch.equal(f, post.f) and not torch.allclose(z, post.z) and x.shape == batch.shape
+    x, f, z = model.generate("z", batch)
+    assert torch.equal(z, post.z) and not torch.allclose(f, post.f)
+    swapped = model.swap(batch[:2], batch[2:])
+    torch.testing.assert_close(swapped, model.decode(post.f[:2], post.z[2:]))
+    x, f, z = model.sample_prior(3)
+    assert x.shape == (3, dsae.T, 3, 64, 64) and f.shape == (3, 16) and z.shape == (3, dsae.T, 8)
+    with pytest.raises(ValueError, match="fix must be"):
+        model.generate("x", batch)
+
+
+def smoke(tmp_path, name, **overrides):
+    return dsae.make_config("smoke", run_dir=str(tmp_path / name), **overrides)
+
+
+def test_training_writes_metrics_and_resumes_exactly(tmp_path, monkeypatch):
+    """An interrupted run, rerun, ends with the same numbers as an uninterrupted one."""
+    _, full = dsae.train(smoke(tmp_path, "full"), progress=False)
+    assert len(full) == 2 and all(np.isfinite(row["loss"]) for row in full)
+    assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == full
+    assert (tmp_path / "full" / "metrics.csv").read_text().startswith("epoch,loss,recon,kl_f,kl_z")
+
+    calls = {"n": 0}
+    elbo = dsae.elbo_terms
+
+    def killed_in_epoch_two(model, x):
+        calls["n"] += 1
+        if calls["n"] == 8 + 3:  # 8 batches per epoch: die during the third batch of epoch 2
+            raise KeyboardInterrupt
+        return elbo(model, x)
+
+    monkeypatch.setattr(dsae, "elbo_terms", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        dsae.train(smoke(tmp_path, "resumed"), progress=False)
+    monkeypatch.setattr(dsae, "elbo_terms", elbo)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    _, resumed = dsae.train(smoke(tmp_path, "resumed"), progress=False)
+    for a, b in zip(full, resumed):
+        assert {k: v for k, v in a.items() if k not in ("seconds", "seq_per_s")} == \
+               {k: v for k, v in b.items() if k not in ("seconds", "seq_per_s")}
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = smoke(tmp_path, "nan", epochs=1)
+    dsae.train(config, progress=False)
+    good = (tmp_path / "nan" / "checkpoint.pt").read_bytes()
+    elbo = dsae.elbo_terms
+
+    def nan_loss(model, x):
+        terms = elbo(model, x)
+        return {**terms, "loss": terms["loss"] * float("nan")}
+
+    monkeypatch.setattr(dsae, "elbo_terms", nan_loss)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        dsae.train(smoke(tmp_path, "nan", epochs=2), progress=False)
+    assert (tmp_path / "nan" / "checkpoint.pt").read_bytes() == good
+
+
+def test_bad_configuration_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown profile 'fast'"):
+        dsae.make_config("fast")
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['width'\]"):
+        dsae.make_config("smoke", width=3)
+    with pytest.raises(ValueError, match="q_z must be"):
+        dsae.make_config("smoke", q_z="lstm")
+    dsae.train(smoke(tmp_path, "run", epochs=1), progress=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        dsae.train(smoke(tmp_path, "run", epochs=1, lr=0.5), progress=False)
+
+
+def test_profiles():
+    paper = dsae.make_config("paper")
+    assert (paper.f_dim, paper.z_dim, paper.channels, paper.rnn_hidden, paper.batch_size, paper.lr,
+            paper.epochs) == (256, 32, 256, 512, 25, 2e-4, 200)
+    gpu = dsae.make_config("gpu")
+    assert {k: v for k, v in gpu.__dict__.items() if k not in ("profile", "epochs")} == \
+           {k: v for k, v in paper.__dict__.items() if k not in ("profile", "epochs")}
+    assert dsae.make_config("cpu", epochs=3).epochs == 3
