@@ -32,7 +32,7 @@ report: venv data
 	echo "report written to reports/*.html (profile $$profile)"
 
 test: venv data
-	DSVAE_PROFILE=smoke PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests notebooks --nbval-lax -p no:cacheprovider
+	DSVAE_PROFILE=smoke PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
 
 clean:
 	rm -rf reports runs/smoke-*

@@ -4,8 +4,12 @@ One module, read top to bottom like the paper's appendix:
   1. config      -- the model and training hyper-parameters, and the named profiles
   2. data        -- the Sprites videos built from the LPC sheets by PROTOCOL.md
   3. model       -- frame encoder, q(f|x), q(z|x) (factorised or full), the learned prior p(z), decoder p(x|z,f)
-  4. objective   -- the ELBO of Eq. (4)-(5) with analytic KL terms
-  5. training    -- Adam, resumable checkpoints, metrics
+  4. objective   -- the negative ELBO of Eq. (5) with analytic KL terms
+  5. training    -- Adam, atomic and resumable checkpoints, per-epoch metrics
+  6. evaluation  -- the judge classifier and the disentanglement metrics (paper, S3VAE / C-DSVAE protocol)
+  7. plotting    -- frame grids, GIFs, learning curves, swaps, latent spaces, confusion matrices
+
+Command line: `python dsvae_lib.py data` builds the data; `python dsvae_lib.py train --profile cpu` trains.
 """
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -369,11 +376,6 @@ class Batches:
 
 
 # ----------------------------------------------------------------------------- model: building blocks
-from typing import NamedTuple  # noqa: E402
-
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
 
 def _conv(c_in, c_out, stride):
     return [nn.Conv2d(c_in, c_out, 5, stride, 2), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
@@ -956,8 +958,9 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
     2. z_1:T kept, f ~ p(f): 9-way motion accuracy, IS, H(y|x), H(y) on a class-balanced subset (S3VAE, C-DSVAE);
     3. swap f_a with z_b for random pairs: attributes of a, motion of b;
     4. reconstruction: per-pixel MSE (pixels in [0, 1]) and PSNR.
-    Returns (per-seed rows, extra) where extra holds the judge's predictions for confusion matrices.
+    Returns (per-seed rows, confusion matrices of the first seed: attributes with f kept, motion with z kept).
     """
+    from sklearn.metrics import confusion_matrix
     model.eval()
     f, z = encode_all(model, data, limit)
     n = len(f)
@@ -966,7 +969,7 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
     x = to_model_input(data.frames[:n])
     recon = _decode_all(model, f, z)
     mse = float(((recon.clamp(-1, 1) - x) / 2).pow(2).mean())
-    rows, extra = [], {}
+    rows, confusions = [], {}
     for seed in tqdm(seeds, desc="sampling seeds", disable=not progress):
         torch.manual_seed(seed)
         row = {"seed": seed, "recon MSE": mse, "recon PSNR": float(10 * np.log10(1 / mse))}
@@ -983,8 +986,10 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
         row["swap: motion of b"] = _accuracy(swap["motion"], labels["motion"][perm.numpy()])
         rows.append(row)
         if seed == seeds[0]:
-            extra = {"f kept": keep_f, "z kept": keep_z, "swap": swap, "swap perm": perm.numpy(), "labels": labels}
-    return rows, extra
+            confusions = {h: confusion_matrix(labels[h], (keep_z if h == "motion" else keep_f)[h].argmax(1),
+                                              labels=range(probs.shape[1])).tolist()
+                          for h, probs in keep_z.items()}
+    return rows, confusions
 
 
 def summarise(rows):
@@ -1023,7 +1028,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True):
     """Judge accuracy and every metric for each trained q variant of `profile`; written as JSON to `out`
     (default: metrics.json in figures_dir(profile)).
 
-    Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std}}, "extra": ...}.
+    Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std, "confusions ..."}}}.
     """
     runs = trained_runs(profile)
     if not runs:
@@ -1037,21 +1042,21 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True):
     result = {"profile": profile, "data": build_cache().name, "test sequences": jc.test_limit or len(test),
               "seeds": list(seeds), "judge": {"config": jc.__dict__, "test accuracy": judge_acc},
               "published": PUBLISHED, "runs": {}}
-    extra = {}
     for q, path in runs.items():
         model, ckpt = load_checkpoint(path, device)
-        rows, extra[q] = evaluate(model, judge, test, seeds, jc.test_limit, progress)
+        rows, confusions = evaluate(model, judge, test, seeds, jc.test_limit, progress)
         summary = summarise(rows)
         result["runs"][q] = {"checkpoint": str(path.relative_to(ROOT)), "checkpoint sha256": sha256(path),
                              "epochs": ckpt["epoch"], "config": ckpt["config"],
                              "train seconds": sum(r["seconds"] for r in ckpt["history"]),
                              "final ELBO terms": {k: ckpt["history"][-1][k] for k in
                                                   ("loss", "recon", "kl_f", "kl_z", "test_loss")},
-                             "rows": rows, "summary": {k: dict(v) for k, v in summary.T.items()}}
+                             "rows": rows, "summary": {k: dict(v) for k, v in summary.T.items()},
+                             "confusions (first seed)": confusions}
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))
-    return {**result, "extra": extra}
+    return result
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -1262,23 +1267,25 @@ def plot_latents(embedding, data: Sprites, method="pca"):
     return fig
 
 
-def plot_confusions(extra):
-    """Judge confusion matrices on generated sequences: attributes with f kept, motion with z kept."""
+def plot_confusions(confusions, title=None):
+    """Judge confusion matrices (rows: true, normalised) on generated sequences: attributes with f kept, motion
+    with z kept, as `evaluate` returns them."""
     import matplotlib.pyplot as plt
     import seaborn as sns
-    from sklearn.metrics import confusion_matrix
-    labels = extra["labels"]
-    fig, axes = plt.subplots(1, 5, figsize=(24, 4.6), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.6]})
+    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.6]})
     for ax, head in zip(axes, HEADS):
         source = "z kept" if head == "motion" else "f kept"
-        k = 9 if head == "motion" else N_VARIANTS
-        cm = confusion_matrix(labels[head], extra[source][head].argmax(1), labels=range(k), normalize="true")
+        cm = np.asarray(confusions[head], dtype=float)
+        cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        k = len(cm)
         names = MOTIONS if head == "motion" else range(k)
         sns.heatmap(cm, annot=k <= 6, fmt=".2f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=ax,
                     xticklabels=names, yticklabels=names)
         ax.set_title(f"{head} ({source}, resampled {'f' if head == 'motion' else 'z'})")
         ax.set_xlabel("judge")
         ax.set_ylabel("true")
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 
@@ -1320,7 +1327,10 @@ def main(argv=None):
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    config = make_config(args.profile, **overrides)
+    try:
+        config = make_config(args.profile, **overrides)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
     _, history = train(config)
     print(json.dumps(history[-1], indent=1))
 

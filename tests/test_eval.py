@@ -73,7 +73,7 @@ def test_evaluate_is_deterministic_and_complete(judge):
     torch.manual_seed(0)
     model = dsae.DSAE(dsae.make_config("smoke")).eval()
     test = dsae.load_sprites("test")
-    rows, extra = dsae.evaluate(model, judge_model, test, seeds=(0, 1), limit=45, progress=False)
+    rows, confusions = dsae.evaluate(model, judge_model, test, seeds=(0, 1), limit=45, progress=False)
     again, _ = dsae.evaluate(model, judge_model, test, seeds=(0, 1), limit=45, progress=False)
     assert rows == again
     assert [r["seed"] for r in rows] == [0, 1]
@@ -81,6 +81,8 @@ def test_evaluate_is_deterministic_and_complete(judge):
         assert 0.0 <= rows[0][key] <= 1.0
     assert 1.0 <= rows[0]["z kept: IS"] <= 9.0
     assert rows[0]["recon PSNR"] == pytest.approx(10 * np.log10(1 / rows[0]["recon MSE"]))
-    assert extra["z kept"]["motion"].shape == (45, 9) and extra["labels"]["motion"].shape == (45,)
+    assert np.asarray(confusions["motion"]).shape == (9, 9) and np.asarray(confusions["skin"]).shape == (6, 6)
+    assert np.asarray(confusions["motion"]).sum(1).tolist() == [5] * 9  # 45 sequences = 5 characters x 9 motions
+    assert np.trace(confusions["motion"]) / 45 == pytest.approx(rows[0]["z kept: motion"])  # first seed's counts
     summary = dsae.summarise(rows)
     assert summary.loc["z kept: IS", "mean"] == pytest.approx(np.mean([r["z kept: IS"] for r in rows]))

@@ -214,3 +214,16 @@ def test_profiles():
     assert {k: v for k, v in gpu.__dict__.items() if k not in ("profile", "epochs")} == \
            {k: v for k, v in paper.__dict__.items() if k not in ("profile", "epochs")}
     assert dsae.make_config("cpu", epochs=3).epochs == 3
+
+
+def test_command_line_trains_with_overrides(tmp_path):
+    import subprocess
+    import sys
+    run = tmp_path / "cli"
+    out = subprocess.run([sys.executable, str(dsae.ROOT / "dsvae_lib.py"), "train", "--profile", "smoke", "--set",
+                          f"run_dir={run}", "epochs=1", "q_z=full"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout[out.stdout.index("{"):])["epoch"] == 1
+    assert json.loads((run / "config.json").read_text())["q_z"] == "full"
+    bad = subprocess.run([sys.executable, str(dsae.ROOT / "dsvae_lib.py"), "train", "--profile", "smoke", "--set",
+                          "widht=3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown config field(s) ['widht']" in bad.stderr
