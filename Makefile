@@ -32,6 +32,7 @@ report: venv data
 	echo "report written to reports/*.html (profile $$profile)"
 
 test: venv data
+	rm -rf runs/smoke-*  # the notebooks' smoke runs are retrained from scratch on every test run
 	DSVAE_PROFILE=smoke PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
 
 clean:
