@@ -805,7 +805,7 @@ class JudgeConfig:
     seed: int = 0
 
 
-JUDGE_PROFILES = {"smoke": dict(width=16, epochs=3, train_limit=1800, test_limit=270)}
+JUDGE_PROFILES = {"smoke": dict(width=16, epochs=4, lr=2e-3, train_limit=1800, test_limit=270)}
 HEADS = (*ATTRIBUTES, "motion")
 
 
