@@ -1306,6 +1306,99 @@ def latent_walk(model, x, part="f", direction=0, offsets=(-3, -1.5, 0, 1.5, 3), 
     return np.stack(rows)
 
 
+# ----------------------------------------------------------------------------- interactive views (ipywidgets)
+def _png(videos, scale=2):
+    """PNG bytes of a frame grid (R, T, H, W, 3), enlarged `scale` times."""
+    import io
+    image = Image.fromarray(grid(videos))
+    buf = io.BytesIO()
+    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _label_pickers(prefix=""):
+    import ipywidgets as w
+    return {**{a: w.Dropdown(options=range(N_VARIANTS), description=f"{prefix}{a}") for a in ATTRIBUTES},
+            "action": w.Dropdown(options=[(n, i) for i, n in enumerate(ACTIONS)], description=f"{prefix}action"),
+            "direction": w.Dropdown(options=[(n, i) for i, n in enumerate(DIRECTIONS)],
+                                    description=f"{prefix}direction")}
+
+
+def sprite_browser(sheets=None):
+    """Pick skin, pants, top, hair, action and direction; see that sequence, composed from the sheets."""
+    import ipywidgets as w
+    pickers = _label_pickers()
+    image, caption = w.Image(format="gif"), w.HTML()
+    train_characters = set(split_characters()["train"].tolist())
+
+    def update(_=None):
+        v = {k: p.value for k, p in pickers.items()}
+        c = 216 * v["skin"] + 36 * v["pants"] + 6 * v["top"] + v["hair"]
+        m = 3 * v["action"] + v["direction"]
+        image.value = gif_bytes(render_character(c, sheets)[m][None], scale=3)
+        caption.value = f"character {c} ({'train' if c in train_characters else 'test'} split), {MOTIONS[m]}"
+    for p in pickers.values():
+        p.observe(update, "value")
+    update()
+    return w.VBox([w.HBox(list(pickers.values())[:3]), w.HBox(list(pickers.values())[3:]), caption, image])
+
+
+def explorer(model, data: Sprites):
+    """Two test sequences a and b (by index, or set from labels): originals, reconstructions and both swaps."""
+    import ipywidgets as w
+    a = w.BoundedIntText(0, min=0, max=len(data) - 1, description="a")
+    b = w.BoundedIntText(300, min=0, max=len(data) - 1, description="b")
+    pickers, target = _label_pickers(), w.ToggleButtons(options=["a", "b"], description="labels set")
+    go = w.Button(description="find sequence")
+    image, caption = w.Image(format="png"), w.HTML()
+
+    def describe(i):
+        return f"#{i}: {MOTIONS[data.motion[i]]}, " + ", ".join(
+            f"{name} {v}" for name, v in zip(ATTRIBUTES, data.attributes[i]))
+
+    def update(_=None):
+        xa, xb = (to_model_input(data.frames[[i.value]], model.device) for i in (a, b))
+        rows = [xa, xb, reconstruct(model, xa), reconstruct(model, xb), model.swap(xa, xb), model.swap(xb, xa)]
+        image.value = _png(np.concatenate([to_uint8(r) for r in rows]))
+        caption.value = (f"rows: a = {describe(a.value)}; b = {describe(b.value)}; recon a; recon b; "
+                         f"f of a with z of b; f of b with z of a")
+
+    def find(_):
+        try:
+            (a if target.value == "a" else b).value = data.index(**{k: p.value for k, p in pickers.items()})
+        except KeyError as e:
+            caption.value = f"{e.args[0]} (test split holds {len(np.unique(data.character))} characters)"
+    a.observe(update, "value")
+    b.observe(update, "value")
+    go.on_click(find)
+    update()
+    return w.VBox([w.HBox([a, b]), w.HBox(list(pickers.values())[:3]), w.HBox(list(pickers.values())[3:]),
+                   w.HBox([target, go]), caption, image])
+
+
+def latent_walker(model, data: Sprites):
+    """A slider walk along one dimension of f, or of z_t (one step or all), of a test sequence's posterior."""
+    import ipywidgets as w
+    c = model.config
+    index = w.BoundedIntText(0, min=0, max=len(data) - 1, description="sequence")
+    part = w.ToggleButtons(options=["f", "z"], description="latent")
+    dim = w.IntSlider(0, min=0, max=c.f_dim - 1, description="dimension")
+    step = w.Dropdown(options=[("all steps", None)] + [(f"t={t}", t) for t in range(T)], description="z step")
+    scale = w.FloatSlider(3.0, min=0.5, max=6.0, description="range ±")
+    image, caption = w.Image(format="png"), w.HTML()
+
+    def update(_=None):
+        dim.max = (c.f_dim if part.value == "f" else c.z_dim) - 1
+        offsets = np.linspace(-scale.value, scale.value, 7)
+        x = to_model_input(data.frames[[index.value]], model.device)
+        image.value = _png(latent_walk(model, x, part.value, dim.value, offsets, t=step.value))
+        caption.value = f"rows: {part.value}[{dim.value}] moved by " + ", ".join(f"{o:+.1f}" for o in offsets)
+    for control in (index, part, dim, step, scale):
+        control.observe(update, "value")
+    update()
+    return w.VBox([w.HBox([index, part]), w.HBox([dim, step, scale]), caption, image])
+
+
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
     import argparse
