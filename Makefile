@@ -25,7 +25,7 @@ report: venv data
 	echo "report profile: $$profile"; \
 	for nb in $(NOTEBOOKS); do \
 	  name=$$(basename $$nb); \
-	  PYTHONPATH=$(CURDIR) $(VENV)/bin/papermill --cwd notebooks $$nb reports/$$name -p profile $$profile || exit 1; \
+	  DSVAE_PROFILE=$$profile PYTHONPATH=$(CURDIR) $(VENV)/bin/papermill --cwd notebooks $$nb reports/$$name -p profile $$profile || exit 1; \
 	  cp reports/$$name $$nb; \
 	  $(VENV)/bin/jupyter nbconvert --log-level WARN --to html reports/$$name --output-dir reports || exit 1; \
 	done; \

@@ -96,9 +96,10 @@ def make_config(profile="paper", **overrides) -> Config:
     return Config(profile=profile, **{**PROFILES[profile], **overrides})
 
 
-def default_profile():
-    """`gpu` when CUDA is present, else `cpu`; $DSVAE_PROFILE wins (the test runner sets `smoke`)."""
-    return os.environ.get("DSVAE_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+def default_profile(requested=None):
+    """$DSVAE_PROFILE if set (the test runner sets `smoke`, over any notebook parameter), else `requested`,
+    else `gpu` when CUDA is present, else `cpu`."""
+    return os.environ.get("DSVAE_PROFILE") or requested or ("gpu" if torch.cuda.is_available() else "cpu")
 
 
 # ----------------------------------------------------------------------------- data: the protocol
