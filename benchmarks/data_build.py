@@ -3,12 +3,11 @@
     python benchmarks/data_build.py [--repeats 2] [--out benchmarks/data_build.json]
 
 Each build runs in a fresh process into an empty temporary cache, so nothing is reused and the peak resident
-memory (ru_maxrss of the child) is the build's own. Goal: under 60 s and under 2 GiB on a 2-core machine.
+memory (the child's own ru_maxrss) is the build's alone. Goal: under 60 s and under 2 GiB on a 2-core machine.
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -17,11 +16,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
-import sys, time, dsvae_lib as dsae
+import resource, sys, time, dsvae_lib as dsae
 t = time.perf_counter()
 folder = dsae.build_cache(cache=sys.argv[1])
 train, test = dsae.load_sprites("train", cache=sys.argv[1]), dsae.load_sprites("test", cache=sys.argv[1])
-print(time.perf_counter() - t, len(train), len(test))
+print(time.perf_counter() - t, len(train), len(test), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -33,15 +32,13 @@ def main():
     rows = []
     for i in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:
-            before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             t0 = time.perf_counter()
             out = subprocess.run([sys.executable, "-c", CHILD, cache], capture_output=True, text=True, check=True,
                                  cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
             wall = time.perf_counter() - t0
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-            build_s, n_train, n_test = out.stdout.split()
+            build_s, n_train, n_test, peak_kib = out.stdout.split()
             rows.append({"run": i + 1, "build_s": float(build_s), "process_s": wall, "sequences": [int(n_train),
-                         int(n_test)], "peak_rss_mib": max(peak, before) / 1024, "cpus": os.cpu_count()})
+                         int(n_test)], "peak_rss_mib": int(peak_kib) / 1024, "cpus": os.cpu_count()})
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
     print(f"{'run':>4}{'build s':>10}{'process s':>11}{'train':>7}{'test':>6}{'peak RSS MiB':>14}")
     for r in rows:
