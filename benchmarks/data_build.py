@@ -18,7 +18,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import resource, sys, time, dsvae_lib as dsae
 t = time.perf_counter()
-folder = dsae.build_cache(cache=sys.argv[1])
 train, test = dsae.load_sprites("train", cache=sys.argv[1]), dsae.load_sprites("test", cache=sys.argv[1])
 print(time.perf_counter() - t, len(train), len(test), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
