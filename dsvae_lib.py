@@ -54,13 +54,19 @@ class Config:
     lr: float = 2e-4
     betas: tuple = (0.9, 0.999)
     lr_schedule: str = "constant"  # "constant" (paper) or "cosine"
+    # objective: the paper's ELBO has every weight 1 and the SSE likelihood (variance 1/2 on pixels in [-1, 1])
+    beta_f: float = 1.0             # weight of KL(q(f)||p(f)) (beyond the paper when not 1)
+    beta_z: float = 1.0             # weight of sum_t KL(q(z_t)||p(z_t|z<t)) (beyond the paper when not 1)
+    likelihood_var: float = 0.5     # variance of the Gaussian likelihood p(x_t|z_t, f); 0.5 makes -log p the SSE
     train_limit: int | None = None  # use only the first N training sequences (smoke)
     eval_limit: int = 500           # test sequences for the per-epoch held-out ELBO
+    judge_every: int = 0            # every k epochs, judge-protocol metrics on judge_limit test sequences (0: off)
+    judge_limit: int = 900          # first N test sequences (N/9 characters x 9 motions) for those metrics
     seed: int = 0
     device: str = "auto"            # "auto": CUDA if present, else CPU
-    compile: bool = False           # torch.compile the model (CUDA)
-    bf16: bool = True               # bf16 autocast (CUDA only)
-    channels_last: bool = True      # channels-last memory format (CUDA only)
+    compile: bool = False           # torch.compile the model
+    bf16: bool = True               # bf16 autocast where the device supports it (CUDA, or a CPU with AVX-512 bf16/AMX)
+    channels_last: bool = True      # channels-last memory format of the convolutions
     run_dir: str | None = None      # default runs/<profile>-<q_z>
 
     def __post_init__(self):
@@ -401,9 +407,13 @@ class Gaussian(nn.Module):
         return self.mean(h), self.logvar(h)
 
 
-def reparameterize(mean, logvar, sample=True):
-    """z = mean + sigma * eps (the reparameterisation trick); the mean when sample is False."""
-    return mean + torch.randn_like(mean) * torch.exp(0.5 * logvar) if sample else mean
+def reparameterize(mean, logvar, sample=True, generator=None):
+    """z = mean + sigma * eps (the reparameterisation trick); the mean when sample is False.
+    eps comes from `generator` when given (evaluation), else from the global RNG (training)."""
+    if not sample:
+        return mean
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + eps * torch.exp(0.5 * logvar)
 
 
 # ----------------------------------------------------------------------------- model: encoder and posteriors
@@ -479,12 +489,12 @@ class DynamicsPrior(nn.Module):
         out, _ = self.lstm(z_prev)
         return self.head(out)
 
-    def sample(self, n, t, device):
+    def sample(self, n, t, device, generator=None):
         """Ancestral sampling z_t ~ p(z_t | z_<t) on its own samples, t steps."""
         z_prev, state, zs = torch.zeros(n, 1, self.z_dim, device=device), None, []
         for _ in range(t):
             out, state = self.lstm(z_prev, state)
-            z_prev = reparameterize(*self.head(out))
+            z_prev = reparameterize(*self.head(out), generator=generator)
             zs.append(z_prev)
         return torch.cat(zs, dim=1)
 
@@ -548,11 +558,13 @@ class DSAE(nn.Module):
         post = self.encode(x)
         return post, self.decode(post.f, post.z)
 
-    def sample_f(self, n):
-        return torch.randn(n, self.config.f_dim, device=self.device)
+    def sample_f(self, n, generator=None):
+        """f ~ p(f) = N(0, I)."""
+        return torch.randn(n, self.config.f_dim, device=self.device, generator=generator)
 
-    def sample_z(self, n, t=T):
-        return self.prior_z.sample(n, t, self.device)
+    def sample_z(self, n, t=T, generator=None):
+        """z_1:T ~ p(z_1:T), ancestrally from the learned prior."""
+        return self.prior_z.sample(n, t, self.device, generator)
 
     @torch.no_grad()
     def sample_prior(self, n, t=T):
@@ -566,7 +578,7 @@ class DSAE(nn.Module):
         return self.decode(self.encode(x_a, sample=False).f, self.encode(x_b, sample=False).z)
 
     @torch.no_grad()
-    def generate(self, fix, x):
+    def generate(self, fix, x, generator=None):
         """Keep one part of x and sample the other: fix="f" samples z from p(z), fix="z" samples f from p(f).
 
         Returns (x_generated, f, z), where the kept part equals x's posterior mean exactly.
@@ -574,8 +586,8 @@ class DSAE(nn.Module):
         if fix not in ("f", "z"):
             raise ValueError(f"fix must be 'f' (keep content) or 'z' (keep dynamics), not {fix!r}")
         post = self.encode(x, sample=False)
-        f = post.f if fix == "f" else self.sample_f(len(x))
-        z = post.z if fix == "z" else self.sample_z(len(x), x.shape[1])
+        f = post.f if fix == "f" else self.sample_f(len(x), generator)
+        z = post.z if fix == "z" else self.sample_z(len(x), x.shape[1], generator)
         return self.decode(f, z), f, z
 
 
@@ -623,18 +635,22 @@ def kl_normal(mean_q, logvar_q, mean_p=None, logvar_p=None):
 
 
 def elbo_terms(model: DSAE, x):
-    """Negative ELBO of Eq. (5), averaged over the batch: SSE + KL(q(f)||p(f)) + sum_t KL(q(z_t)||p(z_t|z<t)).
+    """Negative ELBO of Eq. (5), averaged over the batch: -log p(x|z,f) + KL(q(f)||p(f)) + sum_t KL(q(z_t)||p(z_t|z<t)).
 
-    The Gaussian likelihood is the sum of squared errors over pixels; the prior p(z_t|z<t) is evaluated
-    on the posterior samples z_<t (teacher forcing), so both sides of each KL describe the same sequence.
+    The Gaussian likelihood of variance `likelihood_var` gives SSE / (2 var) (constants dropped; var 1/2: the SSE);
+    the prior p(z_t|z<t) is evaluated on the posterior samples z_<t (teacher forcing), so both sides of each KL
+    describe the same sequence. Every term is computed in fp32. `loss` is the negative ELBO; `objective`, which
+    training minimises, weights the KLs by beta_f and beta_z (equal to `loss` with the paper's weights of 1).
     """
+    c = model.config
     post, x_hat = model(x)
     prior_mean, prior_logvar = model.prior_z(post.z)
     b = len(x)
-    recon = (x_hat.float() - x.float()).pow(2).sum() / b
+    recon = (x_hat.float() - x.float()).pow(2).sum() / (2 * c.likelihood_var * b)
     kl_f = kl_normal(post.f_mean.float(), post.f_logvar.float()).sum() / b
     kl_z = kl_normal(post.z_mean.float(), post.z_logvar.float(), prior_mean.float(), prior_logvar.float()).sum() / b
-    return {"loss": recon + kl_f + kl_z, "recon": recon, "kl_f": kl_f, "kl_z": kl_z}
+    return {"loss": recon + kl_f + kl_z, "recon": recon, "kl_f": kl_f, "kl_z": kl_z,
+            "objective": recon + c.beta_f * kl_f + c.beta_z * kl_z}
 
 
 # ----------------------------------------------------------------------------- training
@@ -647,16 +663,31 @@ def seed_everything(seed):
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+@functools.lru_cache(maxsize=None)
+def bf16_supported(device_type):
+    """Whether bf16 matrix arithmetic runs natively: a CUDA device that supports it, or a CPU with AVX-512 bf16 / AMX."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        supported = False
+    if not supported:
+        print("bf16 requested, but this CPU has no native bf16 (AVX-512 bf16 / AMX): running in fp32")
+    return supported
+
+
 def _autocast(device, bf16=True):
-    """bf16 autocast on CUDA (unless disabled); full precision on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    """bf16 autocast where the device supports it (unless disabled), else full precision. Loss terms stay fp32."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_supported(device.type))
 
 
 def build_model(config: Config, device=None):
-    """A DSAE on `device`, channels_last on CUDA when config.channels_last."""
+    """A DSAE on `device`, with channels_last convolutions when config.channels_last."""
     device = pick_device(config.device) if device is None else torch.device(device)
     model = DSAE(config).to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" and config.channels_last else model
+    return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
 def _scheduler(optimizer, config):
@@ -680,7 +711,7 @@ def _atomic_write_text(path, text):
 def _comparable(config: Config):
     """Fields that must match for a run to be resumed (the epoch count may grow; the device may change)."""
     d = dict(config.__dict__)
-    for k in ("epochs", "device", "compile", "bf16", "channels_last", "run_dir"):
+    for k in ("epochs", "device", "compile", "bf16", "channels_last", "run_dir", "judge_every", "judge_limit"):
         d.pop(k)
     d["betas"] = list(d["betas"])
     return d
@@ -691,7 +722,7 @@ def evaluate_elbo(model, batches):
     """ELBO terms averaged over every sequence of `batches` (eval mode: BatchNorm running statistics)."""
     model.eval()
     sums, n = {}, 0
-    with _autocast(model.device):
+    with _autocast(model.device, model.config.bf16):
         for _, x in batches:
             for k, v in elbo_terms(model, x).items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(x)
@@ -700,7 +731,8 @@ def evaluate_elbo(model, batches):
 
 
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode, checkpoint dict) from a checkpoint written by `train`."""
+    """(model in eval mode, checkpoint dict) from a checkpoint written by `train` or a weights file of record
+    written by `export_weights` (half-precision state, loaded into a full-precision model)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train first (notebook 03 or `python dsvae_lib.py train`)")
@@ -714,16 +746,19 @@ def train_step(model, optimizer, x, config: Config):
     """One Adam step on the negative ELBO of a batch; returns its terms (a non-finite loss is not applied)."""
     with _autocast(x.device, config.bf16):
         terms = elbo_terms(model, x)
-    if torch.isfinite(terms["loss"]):
+    if torch.isfinite(terms["loss"]) and torch.isfinite(terms["objective"]):
         optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        terms["objective"].backward()
         optimizer.step()
     return terms
 
 
-def train(config: Config, progress=True):
-    """Train a DSAE (Adam, Eq. 5) and return (model, history).
+def train(config: Config, progress=True, train_data: Sprites | None = None, test_data: Sprites | None = None):
+    """Train a DSAE (Adam, Eq. 5) on `train_data` (default: the training split) and return (model, history).
 
+    Every `judge_every` epochs (and after the last), the judge-protocol metrics of `evaluate` (one sampling seed,
+    the first `judge_limit` sequences of `test_data`) join the epoch's row, so disentanglement is tracked
+    beside the ELBO terms; the evaluation draws from its own generator and leaves training's RNG untouched.
     Each epoch ends with metrics.csv/.json and checkpoint.pt written atomically into config.path. A rerun
     with the same config resumes from the last checkpoint (model, optimiser, scheduler, RNG state), so an
     interrupted run loses at most one epoch; a finished run is just loaded. A non-finite loss stops the run
@@ -734,6 +769,8 @@ def train(config: Config, progress=True):
     run = config.path
     run.mkdir(parents=True, exist_ok=True)
     ckpt_path = run / "checkpoint.pt"
+    # the judge first: training it (when not cached yet) must not move the RNG this run starts from
+    judge = train_judge(judge_config(config.profile), progress=progress)[0].to(device) if config.judge_every else None
     seed_everything(config.seed)
     model = build_model(config, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
@@ -755,9 +792,10 @@ def train(config: Config, progress=True):
     if start >= config.epochs:
         return model.eval(), history
 
-    train_batches = Batches(load_sprites("train"), config.batch_size, device, seed=config.seed,
-                            limit=config.train_limit)
-    test_batches = Batches(load_sprites("test"), 100, device, shuffle=False, limit=config.eval_limit)
+    train_data = load_sprites("train") if train_data is None else train_data
+    test_data = load_sprites("test") if test_data is None else test_data
+    train_batches = Batches(train_data, config.batch_size, device, seed=config.seed, limit=config.train_limit)
+    test_batches = Batches(test_data, 100, device, shuffle=False, limit=config.eval_limit)
     step = torch.compile(model) if config.compile else model
     for epoch in range(start, config.epochs):
         model.train()
@@ -779,6 +817,10 @@ def train(config: Config, progress=True):
         row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()},
                **{f"test_{k}": v for k, v in evaluate_elbo(model, test_batches).items()},
                "seconds": seconds, "seq_per_s": n / seconds, "lr": optimizer.param_groups[0]["lr"]}
+        if judge is not None and ((epoch + 1) % config.judge_every == 0 or epoch + 1 == config.epochs):
+            t0 = time.time()
+            rows, _ = evaluate(model, judge, test_data, seeds=(0,), limit=config.judge_limit, progress=False)
+            row.update({k: v for k, v in rows[0].items() if k != "seed"}, judge_seconds=time.time() - t0)
         history.append(row)
         _atomic_save({"config": config.__dict__, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
@@ -789,8 +831,45 @@ def train(config: Config, progress=True):
         start = epoch + 1
         if progress:
             tqdm.write(f"epoch {epoch + 1}: loss {row['loss']:.1f} (recon {row['recon']:.1f}, KL_f {row['kl_f']:.2f}, "
-                       f"KL_z {row['kl_z']:.2f}), test loss {row['test_loss']:.1f}, {row['seq_per_s']:.1f} seq/s")
+                       f"KL_z {row['kl_z']:.2f}), test loss {row['test_loss']:.1f}, {row['seq_per_s']:.1f} seq/s"
+                       + (f"; z kept: motion {row['z kept: motion']:.3f}, f kept: attributes "
+                          f"{row['f kept: attributes']:.3f}" if "z kept: motion" in row else ""))
     return model.eval(), history
+
+
+# ----------------------------------------------------------------------------- weights of record
+WEIGHTS = ROOT / "weights"
+
+
+def weights_path(profile, q_z, folder=None):
+    """weights/<profile>-<q_z>.pt: the committed model of record of a profile and q variant."""
+    return Path(folder or WEIGHTS) / f"{profile}-{q_z}.pt"
+
+
+def export_weights(checkpoint, out):
+    """A training checkpoint -> a weights file of record: the model state in half precision with the config,
+    epoch count and training history (no optimiser, scheduler or RNG state), written atomically."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save({"config": ckpt["config"], "model": state, "epoch": ckpt["epoch"], "history": ckpt["history"],
+                  "source sha256": sha256(checkpoint)}, out)
+    return Path(out)
+
+
+def trained_model(config: Config, weights=True, folder=None, progress=True):
+    """(model, history, source) of a config: its committed weights file (`weights_path`) when `weights` and the
+    file exists, with no training at all; else `train(config)`, which resumes or just loads runs/<profile>-<q_z>/.
+    A weights file whose config differs from `config` is an error (train instead with weights=False)."""
+    path = weights_path(config.profile, config.q_z, folder)
+    if weights and path.is_file():
+        model, ckpt = load_checkpoint(path, pick_device(config.device))
+        if _comparable(Config(**ckpt["config"])) != _comparable(config):
+            raise ValueError(f"{path} holds another configuration than the one asked for; pass weights=False to "
+                             f"train this one under {config.path}")
+        return model, ckpt["history"], path
+    model, history = train(config, progress)
+    return model, history, config.path / "checkpoint.pt"
 
 
 # ----------------------------------------------------------------------------- evaluation: the judge
@@ -853,8 +932,10 @@ def judge_probs(judge, videos, batch_size=200):
     for i in range(0, len(videos), batch_size):
         x = videos[i:i + batch_size]
         x = x.to(device) if torch.is_tensor(x) and x.is_floating_point() else to_model_input(x, device)
-        for h, logits in judge(x).items():
-            out[h].append(logits.float().softmax(-1).cpu())
+        with _autocast(device):
+            logits = judge(x)
+        for h, v in logits.items():
+            out[h].append(v.float().softmax(-1).cpu())
     return {h: torch.cat(v).numpy() for h, v in out.items()}
 
 
@@ -874,7 +955,7 @@ def train_judge(config: JudgeConfig, path=None, progress=True):
     data_key = build_cache().name
     path = Path(path or ROOT / "runs" / f"judge-{data_key}-{hashlib.sha256(repr(config).encode()).hexdigest()[:8]}.pt")
     device = pick_device()
-    judge = Judge(config).to(device)
+    judge = Judge(config).to(device).to(memory_format=torch.channels_last)
     if path.is_file():
         saved = torch.load(path, map_location=device, weights_only=False)
         judge.load_state_dict(saved["model"])
@@ -930,8 +1011,9 @@ def balanced_subset(labels, seed=0):
 
 @torch.no_grad()
 def _decode_all(model, f, z, batch_size=100):
-    return torch.cat([model.decode(f[i:i + batch_size], z[i:i + batch_size]).float().cpu()
-                      for i in range(0, len(f), batch_size)])
+    with _autocast(model.device, model.config.bf16):
+        return torch.cat([model.decode(f[i:i + batch_size], z[i:i + batch_size]).float().cpu()
+                          for i in range(0, len(f), batch_size)])
 
 
 @torch.no_grad()
@@ -940,10 +1022,11 @@ def encode_all(model, data: Sprites, limit=None, batch_size=100):
     model.eval()
     n = len(data) if limit is None else min(limit, len(data))
     fs, zs = [], []
-    for i in range(0, n, batch_size):
-        post = model.encode(to_model_input(data.frames[i:min(i + batch_size, n)], model.device), sample=False)
-        fs.append(post.f)
-        zs.append(post.z)
+    with _autocast(model.device, model.config.bf16):
+        for i in range(0, n, batch_size):
+            post = model.encode(to_model_input(data.frames[i:min(i + batch_size, n)], model.device), sample=False)
+            fs.append(post.f.float())
+            zs.append(post.z.float())
     return torch.cat(fs), torch.cat(zs)
 
 
@@ -953,12 +1036,14 @@ def _accuracy(probs, labels):
 
 @torch.no_grad()
 def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=True):
-    """Every disentanglement metric on the test split, per sampling seed.
+    """Every disentanglement metric on the test split, per sampling seed (a local generator per seed).
 
     1. f kept, z_1:T ~ p(z): judge accuracy of the 4 attributes (the paper's test);
     2. z_1:T kept, f ~ p(f): 9-way motion accuracy, IS, H(y|x), H(y) on a class-balanced subset (S3VAE, C-DSVAE);
-    3. swap f_a with z_b for random pairs: attributes of a, motion of b;
-    4. reconstruction: per-pixel MSE (pixels in [0, 1]) and PSNR.
+    3. swap f_a with z_b for random pairs (a != b): attributes of a, motion of b. These are 1. and 2. with the
+       resampled part drawn from the aggregate posterior (another test sequence's code) instead of the prior;
+    4. reconstruction (f and z kept): per-pixel MSE (pixels in [0, 1]), PSNR, and the judge's accuracy on every
+       head, the ceiling of every generation metric above.
     Returns (per-seed rows, confusion matrices of the first seed: attributes with f kept, motion with z kept).
     """
     from sklearn.metrics import confusion_matrix
@@ -970,21 +1055,26 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
     x = to_model_input(data.frames[:n])
     recon = _decode_all(model, f, z)
     mse = float(((recon.clamp(-1, 1) - x) / 2).pow(2).mean())
+    read = judge_probs(judge, recon)
+    ceiling = {f"recon: {h}": _accuracy(read[h], labels[h]) for h in HEADS}
     rows, confusions = [], {}
     for seed in tqdm(seeds, desc="sampling seeds", disable=not progress):
-        torch.manual_seed(seed)
-        row = {"seed": seed, "recon MSE": mse, "recon PSNR": float(10 * np.log10(1 / mse))}
-        keep_f = judge_probs(judge, _decode_all(model, f, model.sample_z(n)))
+        g = torch.Generator(model.device).manual_seed(seed)
+        row = {"seed": seed, "recon MSE": mse, "recon PSNR": float(10 * np.log10(1 / mse)), **ceiling}
+        keep_f = judge_probs(judge, _decode_all(model, f, model.sample_z(n, generator=g)))
         for a in ATTRIBUTES:
             row[f"f kept: {a}"] = _accuracy(keep_f[a], labels[a])
         row["f kept: attributes"] = float(np.mean([row[f"f kept: {a}"] for a in ATTRIBUTES]))
-        keep_z = judge_probs(judge, _decode_all(model, model.sample_f(n), z))
+        keep_z = judge_probs(judge, _decode_all(model, model.sample_f(n, generator=g), z))
         row["z kept: motion"] = _accuracy(keep_z["motion"][balanced], labels["motion"][balanced])
         row.update({f"z kept: {k}": v for k, v in inception_score(keep_z["motion"][balanced]).items()})
-        perm = torch.from_numpy(np.random.RandomState(seed).permutation(n))
-        swap = judge_probs(judge, _decode_all(model, f, z[perm.to(z.device)]))
-        row["swap: attributes of a"] = float(np.mean([_accuracy(swap[a], labels[a]) for a in ATTRIBUTES]))
-        row["swap: motion of b"] = _accuracy(swap["motion"], labels["motion"][perm.numpy()])
+        rng = np.random.RandomState(seed)
+        perm = (np.arange(n) + rng.randint(1, n, n)) % n if n > 1 else np.zeros(1, int)  # a partner b != a
+        swap = judge_probs(judge, _decode_all(model, f, z[torch.from_numpy(perm).to(z.device)]))
+        for a in ATTRIBUTES:
+            row[f"swap: {a} of a"] = _accuracy(swap[a], labels[a])
+        row["swap: attributes of a"] = float(np.mean([row[f"swap: {a} of a"] for a in ATTRIBUTES]))
+        row["swap: motion of b"] = _accuracy(swap["motion"], labels["motion"][perm])
         rows.append(row)
         if seed == seeds[0]:
             confusions = {h: confusion_matrix(labels[h], (keep_z if h == "motion" else keep_f)[h].argmax(1),
@@ -1014,10 +1104,79 @@ def judge_protocol_table(summaries):
     return pd.DataFrame(table).T
 
 
-def trained_runs(profile):
-    """{q_z: checkpoint path} of the finished-or-partial runs of a profile under runs/."""
-    runs = {q: make_config(profile, q_z=q).path / "checkpoint.pt" for q in ("factorised", "full")}
-    return {q: p for q, p in runs.items() if p.is_file()}
+README_BEGIN, README_END = "<!-- results:begin (written by `python dsvae_lib.py readme`) -->", "<!-- results:end -->"
+
+
+def results_markdown(metrics):
+    """The README's results section from a metrics.json written by `evaluate_profile`: what produced each number
+    (profile, data, epochs, seeds, weights file and its SHA-256), the judge protocol table beside the published
+    row, and every other metric with its ceiling (the judge on reconstructions)."""
+    runs = metrics["runs"]
+    pct = lambda s, k: f"{100 * s[k]['mean']:.2f} ± {100 * s[k]['std']:.2f}"
+    num = lambda s, k, d=3: f"{s[k]['mean']:.{d}f} ± {s[k]['std']:.{d}f}"
+    lines = [f"Profile `{metrics['profile']}`; data `{metrics['data']}`; all {metrics['test sequences']} test sequences; "
+             f"mean ± standard deviation over sampling seeds {', '.join(map(str, metrics['seeds']))}; judge accuracy "
+             f"on the real test split: " + ", ".join(f"{h} {100 * v:.1f} %" for h, v in
+                                                   metrics["judge"]["test accuracy"].items()) + ".", ""]
+    for q, run in runs.items():
+        c = run["config"]
+        lines.append(f"- q(z) {q}: `{run['checkpoint']}` (SHA-256 `{run['checkpoint sha256'][:16]}…`), "
+                     f"{run['epochs']} epochs, training seed {c['seed']}, {run['train seconds'] / 60:.0f} min of "
+                     f"training; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, beta_f {c.get('beta_f', 1.0)}, "
+                     f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}")
+    lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",
+              "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]
+    for q, run in runs.items():
+        s = run["summary"]
+        lines.append(f"| ours, `{metrics['profile']}`, {q} q, {run['epochs']} epochs | {pct(s, 'z kept: motion')} | "
+                     f"{num(s, 'z kept: IS')} | {num(s, 'z kept: H(y|x)')} | {num(s, 'z kept: H(y)')} |")
+    for name, row in metrics["published"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row.values()) + " |")
+    rows = [("f kept, z ~ p(z): {} %", [f"f kept: {a}" for a in ATTRIBUTES]),
+            ("f kept, z of another sequence: {} %", [f"swap: {a} of a" for a in ATTRIBUTES]),
+            ("z kept, f of another sequence: motion %", ["swap: motion of b"]),
+            ("reconstruction (ceiling): {} %", [f"recon: {h}" for h in HEADS])]
+    lines += ["", "Content kept, dynamics resampled (the paper's test), the same with codes of other test sequences "
+              "(the aggregate posterior), and the judge on plain reconstructions:", "",
+              "| metric | " + " | ".join(f"{q} q" for q in runs) + " |", "| --- |" + " --- |" * len(runs)]
+    for label, keys in rows:
+        for key in keys:
+            if all(key in run["summary"] for run in runs.values()):
+                name = label.format(key.split(": ")[1].split(" of")[0])
+                lines.append(f"| {name} | " + " | ".join(pct(run["summary"], key) for run in runs.values()) + " |")
+    lines.append("| reconstruction: per-pixel MSE (pixels in [0, 1]) / PSNR dB | " + " | ".join(
+        f"{run['summary']['recon MSE']['mean']:.5f} / {run['summary']['recon PSNR']['mean']:.2f}"
+        for run in runs.values()) + " |")
+    lines.append("| final train −ELBO (recon + KL_f + KL_z), nats | " + " | ".join(
+        "{loss:.1f} ({recon:.1f} + {kl_f:.1f} + {kl_z:.1f})".format(**run["final ELBO terms"])
+        for run in runs.values()) + " |")
+    return "\n".join(lines)
+
+
+def update_readme(metrics_path, readme=None):
+    """Replace the README's results section (between its markers) with `results_markdown` of a metrics.json."""
+    readme = Path(readme or ROOT / "README.md")
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no results markers; put the lines\n{README_BEGIN}\n{README_END}\n"
+                         f"where the results table belongs")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    body = results_markdown(json.loads(Path(metrics_path).read_text()))
+    _atomic_write_text(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
+    return readme
+
+
+def trained_runs(profile, weights=True, folder=None):
+    """{q_z: path} of the model of record of each q variant of `profile`: the committed weights file
+    weights/<profile>-<q_z>.pt when `weights` and it exists, else the finished-or-partial run under runs/."""
+    found = {}
+    for q in ("factorised", "full"):
+        record = weights_path(profile, q, folder)
+        path = record if weights and record.is_file() else make_config(profile, q_z=q).path / "checkpoint.pt"
+        if path.is_file():
+            found[q] = path
+    return found
 
 
 def figures_dir(profile):
@@ -1025,13 +1184,14 @@ def figures_dir(profile):
     return ROOT / "runs" / "smoke-figures" if profile == "smoke" else ROOT / "figures"
 
 
-def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True):
-    """Judge accuracy and every metric for each trained q variant of `profile`; written as JSON to `out`
-    (default: metrics.json in figures_dir(profile)).
+def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=True):
+    """Judge accuracy and every metric for each trained q variant of `profile` (its weights of record when
+    `weights` and committed, else its runs under runs/); written as JSON to `out` (default: metrics.json in
+    figures_dir(profile)).
 
     Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std, "confusions ..."}}}.
     """
-    runs = trained_runs(profile)
+    runs = trained_runs(profile, weights)
     if not runs:
         raise FileNotFoundError(f"no trained run of profile {profile!r} under {ROOT / 'runs'}; run notebook 03 "
                                 f"or `python dsvae_lib.py train --profile {profile}` first")
@@ -1047,7 +1207,8 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True):
         model, ckpt = load_checkpoint(path, device)
         rows, confusions = evaluate(model, judge, test, seeds, jc.test_limit, progress)
         summary = summarise(rows)
-        result["runs"][q] = {"checkpoint": str(path.relative_to(ROOT)), "checkpoint sha256": sha256(path),
+        result["runs"][q] = {"checkpoint": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+                             "checkpoint sha256": sha256(path),
                              "epochs": ckpt["epoch"], "config": ckpt["config"],
                              "train seconds": sum(r["seconds"] for r in ckpt["history"]),
                              "final ELBO terms": {k: ckpt["history"][-1][k] for k in
@@ -1163,6 +1324,107 @@ def plot_history(history, title=None):
         ax.set_ylabel("nats per sequence")
     if title:
         fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+TRACKED = {"z kept: motion": "z kept, f ~ p(f): motion", "f kept: attributes": "f kept, z ~ p(z): attributes (mean)",
+           "swap: motion of b": "z kept, f of another sequence: motion",
+           "swap: attributes of a": "f kept, z of another sequence: attributes (mean)"}
+
+
+def _ceiling(df):
+    """The judge on reconstructions: motion, and the mean of the four attributes."""
+    return df["recon: motion"], df[[f"recon: {a}" for a in ATTRIBUTES]].mean(1)
+
+
+def plot_disentanglement_history(history, title=None):
+    """The judge-protocol metrics logged during training (judge_every), against epochs and training wall time,
+    with the judge's accuracy on reconstructions (the ceiling of every generation metric) dashed."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    df = pd.DataFrame(history)
+    df["wall minutes"] = df["seconds"].cumsum() / 60
+    df = df.dropna(subset=["z kept: motion"]) if "z kept: motion" in df else df.iloc[:0]
+    if not len(df):
+        raise ValueError("no disentanglement metrics in this history: train with judge_every > 0")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.6), sharey=True)
+    for ax, x in zip(axes, ("epoch", "wall minutes")):
+        for key, label in TRACKED.items():
+            ax.plot(df[x], 100 * df[key], marker="o", label=label)
+        motion, attributes = _ceiling(df)
+        ax.plot(df[x], 100 * motion, "k--", lw=1, label="reconstruction: motion (ceiling)")
+        ax.plot(df[x], 100 * attributes, "k:", lw=1, label="reconstruction: attributes (ceiling)")
+        ax.axhline(PUBLISHED["DSVAE (published)"]["accuracy %"], color="grey", lw=0.8)
+        ax.set_xlabel(x)
+        ax.set_ylim(0, 101)
+    axes[0].set_ylabel("judge accuracy %")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(title or "disentanglement during training (grey: published DSVAE motion accuracy)")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------- the study
+def collect_study(run_dirs, out=None):
+    """{name: {config, parameters, history}} of the study's runs (folders holding metrics.json and checkpoint.pt);
+    written as JSON to `out` when given, so the report shows the study without its checkpoints."""
+    study = {}
+    for run in map(Path, run_dirs):
+        ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+        study[run.name] = {"config": ckpt["config"], "history": ckpt["history"],
+                           "parameters": sum(v.numel() for k, v in ckpt["model"].items()
+                                             if "running" not in k and "num_batches" not in k)}
+    if out:
+        _atomic_write_text(out, json.dumps(study, indent=1, default=list))
+    return study
+
+
+def study_table(study, reference="cpu"):
+    """One row per configuration: what differs from `reference`'s profile values, whether that stays within the
+    paper's model and objective, the last logged metrics, epochs, wall time and parameters."""
+    import pandas as pd
+    base = make_config(reference).__dict__
+    beyond = {"beta_f", "beta_z"}  # KL weights other than 1 change the paper's objective
+    rows = {}
+    for name, run in study.items():
+        changed = {k: v for k, v in run["config"].items()
+                   if k not in ("run_dir", "judge_every", "judge_limit", "profile") and base.get(k) != v
+                   and not (isinstance(v, list) and tuple(v) == base.get(k))}
+        last = [r for r in run["history"] if "z kept: motion" in r][-1]
+        motion, attributes = _ceiling(pd.DataFrame([last]))
+        rows[name] = {"changes": ", ".join(f"{k}={v}" for k, v in changed.items()) or "(profile values)",
+                      "paper's objective": "no" if beyond & set(changed) else "yes",
+                      "epochs": last["epoch"], "wall min": sum(r["seconds"] for r in run["history"]) / 60,
+                      "parameters (M)": run["parameters"] / 1e6,
+                      "z kept: motion %": 100 * last["z kept: motion"], "z kept: IS": last["z kept: IS"],
+                      **{f"f kept: {a} %": 100 * last[f"f kept: {a}"] for a in ATTRIBUTES},
+                      "swap: motion of b %": 100 * last["swap: motion of b"],
+                      "swap: attributes of a %": 100 * last["swap: attributes of a"],
+                      "recon: motion %": 100 * float(motion.iloc[0]),
+                      "recon: attributes %": 100 * float(attributes.iloc[0]),
+                      "KL_f": last["kl_f"], "KL_z": last["kl_z"], "test -ELBO": last["test_loss"]}
+    return pd.DataFrame(rows).T
+
+
+def plot_study(study):
+    """Fixed-z motion accuracy and mean fixed-f attribute accuracy against training wall time, per configuration."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
+    for name, run in study.items():
+        df = pd.DataFrame(run["history"])
+        df["wall minutes"] = df["seconds"].cumsum() / 60
+        df = df.dropna(subset=["z kept: motion"])
+        for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
+            ax.plot(df["wall minutes"], 100 * df[key], marker="o", label=name)
+    for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
+        ax.set_title(TRACKED[key])
+        ax.set_xlabel("training wall minutes")
+        ax.axhline(PUBLISHED["DSVAE (published)"]["accuracy %"] if key == "z kept: motion" else 90, color="grey",
+                   lw=0.8)
+    axes[0].set_ylabel("judge accuracy %")
+    axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 
@@ -1410,9 +1672,28 @@ def main(argv=None):
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override config fields, e.g. --set q_z=full epochs=10")
     sub.add_parser("data", help="build (or check) the data cache")
+    p = sub.add_parser("export", help="write the weights of record weights/<profile>-<q_z>.pt from a finished run")
+    p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
+    p.add_argument("--q-z", default="factorised", choices=("factorised", "full"))
+    p = sub.add_parser("readme", help="rewrite the README's results section from figures/metrics.json")
+    p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
     args = parser.parse_args(argv)
     if args.command == "data":
         print(build_cache())
+        return
+    if args.command == "readme":
+        print(update_readme(figures_dir(args.profile) / "metrics.json"))
+        return
+    if args.command == "export":
+        config = make_config(args.profile, q_z=args.q_z)
+        ckpt = config.path / "checkpoint.pt"
+        if not ckpt.is_file():
+            parser.error(f"no run at {ckpt}; train it first: python dsvae_lib.py train --profile {args.profile} "
+                         f"--set q_z={args.q_z}")
+        epoch = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
+        if epoch < config.epochs:
+            parser.error(f"{ckpt} holds {epoch} of {config.epochs} epochs; finish training before exporting it")
+        print(export_weights(ckpt, weights_path(args.profile, args.q_z)))
         return
     overrides = {}
     for item in args.set:

@@ -73,9 +73,14 @@ def test_evaluate_is_deterministic_and_complete(judge):
     torch.manual_seed(0)
     model = dsae.DSAE(dsae.make_config("smoke")).eval()
     test = dsae.load_sprites("test")
+    rng = torch.get_rng_state()
     rows, confusions = dsae.evaluate(model, judge_model, test, seeds=(0, 1), limit=45, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)  # sampling uses local generators, never the global RNG
+    torch.manual_seed(123)
     again, _ = dsae.evaluate(model, judge_model, test, seeds=(0, 1), limit=45, progress=False)
     assert rows == again
+    assert all(0.0 <= rows[0][f"recon: {h}"] <= 1.0 for h in dsae.HEADS)  # the judge on reconstructions
+    assert rows[0]["recon: motion"] == rows[1]["recon: motion"]  # reconstructions draw no noise
     assert [r["seed"] for r in rows] == [0, 1]
     for key in ("f kept: skin", "f kept: attributes", "z kept: motion", "swap: attributes of a", "swap: motion of b"):
         assert 0.0 <= rows[0][key] <= 1.0
