@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -64,15 +65,81 @@ class Config:
     run_dir: str | None = None      # default runs/<profile>-<q_z>
 
     def __post_init__(self):
-        if self.q_z not in ("factorised", "full"):
-            raise ValueError(f"q_z must be 'factorised' or 'full', not {self.q_z!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
-        self.betas = tuple(self.betas)
+        """Coerce each field to its declared type and check its range: one ValueError naming every bad field,
+        its value and what is allowed, before anything is built or written."""
+        errors = []
+        for name, field in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            try:
+                setattr(self, name, _checked(name, field.type, value))
+            except ValueError as e:
+                errors.append(f"{name} must be {e}, not {value!r}")
+        if errors:
+            raise ValueError("invalid configuration: " + "; ".join(errors))
 
     @property
     def path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else ROOT / "runs" / f"{self.profile}-{self.q_z}"
+
+
+def _is_device(v):
+    try:
+        return v == "auto" or torch.device(v) is not None
+    except RuntimeError:
+        return False
+
+
+_POSITIVE = ("f_dim", "z_dim", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden", "epochs",
+             "batch_size", "train_limit", "eval_limit")
+_ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fields are checked by type only
+    **{k: (lambda v: v >= 1, ">= 1") for k in _POSITIVE},
+    "lr": (lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    "q_z": (lambda v: v in ("factorised", "full"), "'factorised' or 'full'"),
+    "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+    "device": (_is_device, "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"),
+}
+
+
+def _checked(name, annotation, value):
+    """`value` coerced to the field's annotated type (e.g. "3" -> 3 for an int) and range-checked; ValueError
+    saying what is allowed otherwise."""
+    kind = str(annotation).split("|")[0].strip()
+    optional = "None" in str(annotation)
+    test, rule = _ALLOWED.get(name, (lambda v: True, ""))
+    what = {"int": f"an integer {rule}", "float": f"a number {rule}", "bool": "true or false",
+            "tuple": f"two numbers {rule}", "str": rule or "a string"}.get(kind, rule or kind)
+    what = f"None or {what}" if optional else what
+    if value is None and optional:
+        return None
+    try:
+        if kind == "bool":
+            value = {"true": True, "false": False}.get(str(value).lower()) if isinstance(value, str) else value
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            if isinstance(value, str):
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else None
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif kind == "tuple":
+            ok = isinstance(value, (list, tuple)) and not any(isinstance(b, bool) for b in value)
+            value = tuple(float(b) for b in value) if ok else value
+        elif kind == "str":
+            value = os.fspath(value) if isinstance(value, os.PathLike) else value
+            ok = isinstance(value, str)
+        else:  # a type not checked here
+            ok = True
+        ok = ok and test(value)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(what)
+    return value
 
 
 PROFILES = {
