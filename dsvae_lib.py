@@ -185,6 +185,7 @@ MOTIONS = tuple(f"{a}-{d}" for a in ACTIONS for d in DIRECTIONS)  # motion label
 ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}  # sheet row for front, left, right
 COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4, 5, 4, 6), "slash": (0, 1, 2, 3, 4, 5, 4, 0)}
 T, CELL = 8, 64
+SHEET_SIZE = (13 * CELL, 21 * CELL)  # (width, height) of every LPC sheet
 
 # SHA-256 of every sheet the protocol uses, at SPRITES_COMMIT.
 SHEET_SHA256 = dict(line.split()[::-1] for line in """
@@ -251,6 +252,14 @@ def _check_sheets(folder, verify=True):
             raise SheetError(f"sprite sheet {path} is corrupted: sha256 {sums[rel]}, expected {expected}. "
                              f"Replace it with {SPRITES_URL.format(path=rel)} (or delete the folder to download "
                              f"again); pass verify=False only for deliberately modified art.")
+        try:
+            size = Image.open(path).size  # reads the header only
+        except OSError:
+            size = None
+        if size != SHEET_SIZE:
+            got = "not a readable image" if size is None else f"{size[0]}x{size[1]} pixels"
+            raise SheetError(f"sprite sheet {path} is {got}; every sheet must be a {SHEET_SIZE[0]}x{SHEET_SIZE[1]} "
+                             f"LPC sheet (13 x 21 cells of {CELL} px). Replace it with {SPRITES_URL.format(path=rel)}.")
     return sums
 
 

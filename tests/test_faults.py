@@ -81,3 +81,15 @@ def test_config_values_are_coerced_and_the_command_line_writes_nothing_when_bad(
         assert out.returncode != 0 and bad.split("=")[0] in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert not run.exists()
 
+
+# ----------------------------------------------------------------------------- 10. sheet sizes
+def test_sheet_of_the_wrong_size_is_refused_without_checksums(tmp_path, copy_sheets):
+    sheets = copy_sheets(tmp_path / "sheets")
+    Image.new("RGBA", (100, 100), (255, 0, 0, 255)).save(sheets / "topwear/2.png")
+    cache = tmp_path / "cache"
+    with pytest.raises(dsae.SheetError) as err:
+        dsae.load_sprites("test", sheets=sheets, cache=cache, verify=False)
+    msg = str(err.value)
+    assert str(sheets / "topwear/2.png") in msg and "100x100" in msg and "832x1344" in msg
+    assert not cache.exists() or not any(cache.iterdir())
+
