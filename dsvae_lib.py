@@ -9,7 +9,8 @@ One module, read top to bottom like the paper's appendix:
   6. evaluation  -- the judge classifier and the disentanglement metrics (paper, S3VAE / C-DSVAE protocol)
   7. plotting    -- frame grids, GIFs, learning curves, swaps, latent spaces, confusion matrices
 
-Command line: `python dsvae_lib.py data` builds the data; `python dsvae_lib.py train --profile cpu` trains.
+Command line: `python dsvae_lib.py data` builds the data (`--verify` checks every byte);
+`python dsvae_lib.py train --profile cpu` trains.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import urllib.request
@@ -235,7 +237,11 @@ class SheetError(RuntimeError):
 
 
 def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_sheets(folder, verify=True):
@@ -348,31 +354,132 @@ def _build(folder, out):
 def build_cache(sheets=None, cache=None, verify=True):
     """Folder holding the built data; rebuilt only when the sheets' checksums or PROTOCOL_VERSION change.
 
-    The build goes to a temporary folder that is renamed into place when complete: no partial cache.
+    The build goes to a temporary folder (named by host and pid) that is renamed into place when complete: no
+    partial cache. Of concurrent builds the first rename wins and the others discard theirs; a finished cache is
+    never removed. Temporary folders of dead builders are removed. Every call checks the arrays' headers, sizes
+    and spot checksums (CacheError naming the file and the fix if damaged); `verify_cache` checks every byte.
     """
     folder = find_sheets(sheets)
     sums = _check_sheets(folder, verify)
     key = hashlib.sha256(json.dumps([PROTOCOL_VERSION, sorted(sums.items())]).encode()).hexdigest()[:16]
     cache = Path(cache or os.environ.get("DSVAE_CACHE") or ROOT / "data")
     final = cache / f"sprites-v{PROTOCOL_VERSION}-{key}"
-    if (final / "manifest.json").is_file():
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
-    try:
-        _build(folder, tmp)
-        (tmp / "manifest.json").write_text(json.dumps({"protocol": PROTOCOL_VERSION, "sheets": str(folder),
-                                                       "sha256": sums}, indent=1))
-        tmp.chmod(0o755)
-        if final.exists():  # a folder without manifest is not a cache: an interrupted copy by hand, say
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "manifest.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if cache.is_dir():
+        _remove_stale_builds(cache)
+    if not (final / "manifest.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".building-{socket.gethostname()}-{os.getpid()}-"))
+        try:
+            _build(folder, tmp)
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p), "spot_sha256": _spot_sha256(p)}
+                     for p in sorted(tmp.glob("*.npy"))}
+            (tmp / "manifest.json").write_text(json.dumps({"protocol": PROTOCOL_VERSION, "sheets": str(folder),
+                                                           "sha256": sums, "files": files}, indent=1))
+            tmp.chmod(0o755)
+            try:
+                os.rename(tmp, final)  # fails while `final` is a non-empty folder: the first complete build wins
+            except OSError:
+                if (final / "manifest.json").is_file():
+                    pass  # another build was first: it stays, ours is discarded
+                elif final.is_dir():  # a folder without manifest is not a cache: an interrupted copy by hand, say
+                    shutil.rmtree(final)
+                    os.rename(tmp, final)
+                else:
+                    raise
+        except OSError:
+            if not (final / "manifest.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _check_cache(final)
     return final
+
+
+class CacheError(RuntimeError):
+    """A built cache is damaged: an array missing, truncated or changed."""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def _remove_stale_builds(cache):
+    """Remove the temporary builds (.building-<host>-<pid>-*) of this host whose builder is dead."""
+    for tmp in cache.glob(".building-*"):
+        try:
+            host, pid, _ = tmp.name[len(".building-"):].rsplit("-", 2)
+            pid = int(pid)
+        except ValueError:
+            continue  # named otherwise: its builder cannot be told
+        if host == socket.gethostname() and not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spot_sha256(path, blocks=64, size=4096):
+    """sha256 of the file size and of `blocks` blocks of `size` bytes spread evenly from its start to its end:
+    a few milliseconds, cheap enough for every load."""
+    n = os.path.getsize(path)
+    h = hashlib.sha256(str(n).encode())
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(max(n - size, 0) * i // (blocks - 1))
+            h.update(f.read(size))
+    return h.hexdigest()
+
+
+def _cache_arrays():
+    """{file name: (shape, dtype)} of every array of a complete cache."""
+    arrays = {}
+    for split, chars in split_characters().items():
+        arrays[f"{split}_frames.npy"] = ((9 * len(chars), T, CELL, CELL, 3), np.dtype(np.uint8))
+        arrays[f"{split}_character.npy"] = ((9 * len(chars),), np.dtype(np.int16))
+    return arrays
+
+
+def _check_cache(folder, full=False):
+    """Raise CacheError naming the file and the fix unless every array of `folder` has the protocol's shape,
+    dtype and exact file size and matches the manifest's spot checksum (full: its sha256 of every byte)."""
+    files = json.loads((folder / "manifest.json").read_text()).get("files", {})
+    problems = []
+    for name, (shape, dtype) in _cache_arrays().items():
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                got_shape, _, got_dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                           else np.lib.format.read_array_header_2_0)(f)
+                expected_bytes = f.tell() + int(np.prod(got_shape)) * got_dtype.itemsize
+            size = os.path.getsize(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{path} cannot be read ({e})")
+            continue
+        if (got_shape, got_dtype) != (shape, dtype):
+            problems.append(f"{path} holds {got_dtype} {got_shape}, expected {dtype} {shape}")
+        elif size != expected_bytes:
+            problems.append(f"{path} is {size} bytes, expected {expected_bytes} (truncated or extended)")
+        elif name in files and _spot_sha256(path) != files[name]["spot_sha256"]:
+            problems.append(f"{path} has changed bytes (spot checksum mismatch)")
+        elif full and name in files and sha256(path) != files[name]["sha256"]:
+            problems.append(f"{path} has changed bytes (sha256 checksum mismatch)")
+    fix = f"Delete it (rm -r {folder}) and run `python dsvae_lib.py data` to rebuild it."
+    if problems:
+        raise CacheError(f"the Sprites cache {folder} is damaged: {'; '.join(problems)}. {fix}")
+    if full and not files:
+        raise CacheError(f"the Sprites cache {folder} cannot be verified: its manifest records no checksums "
+                         f"(built by an older version). {fix}")
+
+
+def verify_cache(folder=None):
+    """Check every byte of a built cache (default: the current one) against its manifest; CacheError if not."""
+    folder = Path(folder) if folder else build_cache()
+    _check_cache(folder, full=True)
+    return folder
 
 
 @dataclass
@@ -1485,10 +1592,21 @@ def main(argv=None):
     p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override config fields, e.g. --set q_z=full epochs=10")
-    sub.add_parser("data", help="build (or check) the data cache")
+    d = sub.add_parser("data", help="build (or check) the data cache")
+    d.add_argument("--verify", action="store_true", help="also check every byte against the manifest's checksums")
     args = parser.parse_args(argv)
+    try:
+        _command(parser, args)
+    except (SheetError, CacheError) as e:
+        parser.exit(1, f"error: {e}\n")
+
+
+def _command(parser, args):
     if args.command == "data":
-        print(build_cache())
+        folder = build_cache()
+        if args.verify:
+            verify_cache(folder)
+        print(folder)
         return
     overrides = {}
     for item in args.set:
