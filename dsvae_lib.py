@@ -14,6 +14,8 @@ Command line: `python dsvae_lib.py data` builds the data (`--verify` checks ever
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -882,12 +884,93 @@ def evaluate_elbo(model, batches):
     return {k: v / n for k, v in sums.items()}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read: truncated, empty or not written by `train`."""
+
+
+def _read_checkpoint(path, device):
+    """The dict `train` saved at `path`; CheckpointError naming the file and the fix if it cannot be read."""
+    path = Path(path)
+    fix = (f"delete it to train that run again from the start (rerun with the same config), or restore it "
+           f"from a copy")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, empty or not a torch file: torch's message names no file
+        raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read "
+                              f"({type(e).__name__}: {e}); it is damaged: {fix}.") from e
+    missing = sorted({"config", "model", "epoch", "history"} - set(ckpt if isinstance(ckpt, dict) else ()))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}, so it was not written by `train`: {fix}.")
+    return ckpt
+
+
+def _check_resume(trained: Config, config: Config, path, change_lr=False):
+    """ValueError unless `config` may resume the run `trained` saved at `path` (lr may change with change_lr;
+    the epoch count may grow, except under a cosine schedule, whose length it is)."""
+    a, b = _comparable(trained), _comparable(config)
+    if change_lr:
+        a.pop("lr"), b.pop("lr")
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        hint = " To go on with another lr, pass change_lr=True (command line: --change-lr)." if diff == ["lr"] else ""
+        raise ValueError(f"{path} was trained with a different configuration ("
+                         + ", ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in diff)
+                         + f"); use another run_dir or delete {Path(path).parent} to start afresh.{hint}")
+    if trained.lr_schedule == "cosine" and trained.epochs != config.epochs:
+        raise ValueError(f"{path} follows a cosine lr schedule over epochs={trained.epochs}; epochs={config.epochs} "
+                         f"would silently change that schedule. Keep epochs={trained.epochs} to resume or load it, "
+                         f"or train epochs={config.epochs} in another run_dir.")
+
+
+def _rescale_lr(optimizer, scheduler, old, new):
+    """Move a restored optimiser and schedule from base lr `old` to `new` (the current lr scales by new/old)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= new / old
+        group["initial_lr"] = new
+    scheduler.base_lrs = [new] * len(scheduler.base_lrs)
+
+
+def _diverged(loss, epoch, saved, ckpt_path, config: Config):
+    """The message of a non-finite loss in `epoch` (0-based), `saved` epochs being in the checkpoint."""
+    head = f"non-finite loss ({loss}) in epoch {epoch + 1} with lr {config.lr}"
+    if not saved:
+        return (f"{head}, before any epoch finished: no checkpoint was written. Lower lr or check the data, then "
+                f"rerun (it starts afresh).")
+    return (f"{head}; {ckpt_path} still holds the last good epoch ({saved}), unchanged. To resume from it with a "
+            f"lower lr, rerun with that lr and change_lr=True (command line: --set lr=... --change-lr); or start "
+            f"afresh in another run_dir.")
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training into the same run folder."""
+
+
+@contextlib.contextmanager
+def _run_lock(run):
+    """Hold an exclusive lock on a run folder (flock on run/.lock, released by the kernel on any exit, kill -9
+    included), then remove what killed runs left there (temporary checkpoint and metrics files)."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunInUseError(f"run folder {run} is in use by another training (pid {f.read().strip() or '?'}); "
+                                f"wait for it to finish or stop it, or train into another run_dir.") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        for tmp in [*run.glob(".checkpoint.pt.tmp-*"), *run.glob("tmp*.part")]:
+            tmp.unlink(missing_ok=True)
+        yield
+
+
 def load_checkpoint(path, device="cpu"):
     """(model in eval mode, checkpoint dict) from a checkpoint written by `train`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train first (notebook 03 or `python dsvae_lib.py train`)")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = _read_checkpoint(path, device)
     model = DSAE(Config(**ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
@@ -904,14 +987,20 @@ def train_step(model, optimizer, x, config: Config):
     return terms
 
 
-def train(config: Config, progress=True):
+def train(config: Config, progress=True, change_lr=False):
     """Train a DSAE (Adam, Eq. 5) and return (model, history).
 
     Each epoch ends with metrics.csv/.json and checkpoint.pt written atomically into config.path. A rerun
     with the same config resumes from the last checkpoint (model, optimiser, scheduler, RNG state), so an
     interrupted run loses at most one epoch; a finished run is just loaded. A non-finite loss stops the run
-    with the last good checkpoint kept.
+    with the last good checkpoint kept. One process at a time trains into a run folder (RunInUseError naming
+    the other). change_lr=True resumes with config.lr instead of the checkpoint's (kept in its lr_changes).
     """
+    with _run_lock(config.path):
+        return _train(config, progress, change_lr)
+
+
+def _train(config: Config, progress, change_lr):
     import pandas as pd
     device = pick_device(config.device)
     run = config.path
@@ -921,19 +1010,22 @@ def train(config: Config, progress=True):
     model = build_model(config, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     scheduler = _scheduler(optimizer, config)
-    history, start = [], 0
+    history, start, lr_changes = [], 0, []
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if _comparable(Config(**ckpt["config"])) != _comparable(config):
-            raise ValueError(f"{ckpt_path} was trained with a different configuration; use another run_dir "
-                             f"or delete {run} to start afresh")
+        ckpt = _read_checkpoint(ckpt_path, device)
+        _check_resume(Config(**ckpt["config"]), config, ckpt_path, change_lr)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        history, start = ckpt["history"], ckpt["epoch"]
+        history, start, lr_changes = ckpt["history"], ckpt["epoch"], ckpt.get("lr_changes", [])
+        if config.lr != ckpt["config"]["lr"]:  # change_lr: the schedule goes on from the new lr
+            _rescale_lr(optimizer, scheduler, ckpt["config"]["lr"], config.lr)
+            lr_changes = [*lr_changes, {"epoch": start, "from": ckpt["config"]["lr"], "to": config.lr}]
+        _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))  # a kill may have come between
+        _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))  # checkpoint and these
     _atomic_write_text(run / "config.json", json.dumps(config.__dict__, indent=1, default=list))
     if start >= config.epochs:
         return model.eval(), history
@@ -950,9 +1042,7 @@ def train(config: Config, progress=True):
         for _, x in bar:
             terms = train_step(step, optimizer, x, config)
             if not torch.isfinite(terms["loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss ({terms['loss'].item()}) in epoch {epoch + 1}; {ckpt_path} still holds the last "
-                    f"good epoch ({start}). Lower lr (now {config.lr}) or check the data, then rerun to resume.")
+                raise FloatingPointError(_diverged(terms["loss"].item(), epoch, start, ckpt_path, config))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(x)
             n += len(x)
@@ -965,6 +1055,7 @@ def train(config: Config, progress=True):
         history.append(row)
         _atomic_save({"config": config.__dict__, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                      "lr_changes": lr_changes,
                       "rng": {"torch": torch.get_rng_state(),
                               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}, ckpt_path)
         _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))
@@ -1592,12 +1683,13 @@ def main(argv=None):
     p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override config fields, e.g. --set q_z=full epochs=10")
+    p.add_argument("--change-lr", action="store_true", help="resume a run with the lr given by --set lr=...")
     d = sub.add_parser("data", help="build (or check) the data cache")
     d.add_argument("--verify", action="store_true", help="also check every byte against the manifest's checksums")
     args = parser.parse_args(argv)
     try:
         _command(parser, args)
-    except (SheetError, CacheError) as e:
+    except (SheetError, CacheError, CheckpointError, RunInUseError, FloatingPointError, ValueError) as e:
         parser.exit(1, f"error: {e}\n")
 
 
@@ -1619,7 +1711,7 @@ def _command(parser, args):
         config = make_config(args.profile, **overrides)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
-    _, history = train(config)
+    _, history = train(config, change_lr=args.change_lr)
     print(json.dumps(history[-1], indent=1))
 
 

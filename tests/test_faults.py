@@ -58,6 +58,58 @@ def without_wall_time(history):
     return [{k: v for k, v in row.items() if k not in WALL} for row in history]
 
 
+# ----------------------------------------------------------------------------- 1. one training per run folder
+HELD = """
+run, started = sys.argv[1], Path(sys.argv[2])
+step = dsae.train_step
+def held(*args, **kwargs):  # hold the run folder: signal, then wait (to be killed)
+    started.touch()
+    time.sleep(600)
+dsae.train_step = held
+dsae.train(dsae.make_config("smoke", run_dir=run, epochs=1, train_limit=25), progress=False)
+"""
+
+
+def test_second_training_on_a_run_folder_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
+    """While a training holds a run folder, a second one (other lr) stops naming the holder's pid and writes
+    nothing; once the holder is killed -9, the folder is free and ends up entirely from the second run."""
+    run = tmp_path / "run"
+    holder = spawn(HELD, run, tmp_path / "started")
+    try:
+        wait_for(tmp_path / "started", holder)
+        config_before = (run / "config.json").read_text()
+        second = cli("train", "--profile", "smoke", "--set", f"run_dir={run}", "lr=0.002", "epochs=1", "train_limit=25")
+        assert second.returncode != 0
+        assert f"pid {holder.pid}" in second.stderr and str(run) in second.stderr, second.stderr
+        assert (run / "config.json").read_text() == config_before
+        assert not (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    again = cli("train", "--profile", "smoke", "--set", f"run_dir={run}", "lr=0.002", "epochs=1", "train_limit=25")
+    assert again.returncode == 0, again.stderr
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert json.loads((run / "config.json").read_text())["lr"] == ckpt["config"]["lr"] == 0.002
+    assert json.loads((run / "metrics.json").read_text()) == ckpt["history"] and ckpt["history"][0]["lr"] == 0.002
+
+
+# ----------------------------------------------------------------------------- 2. the lr schedule on resume
+def test_changing_epochs_of_a_cosine_run_is_refused_and_constant_runs_extend(tmp_path):
+    cosine = smoke(tmp_path, "cosine", lr_schedule="cosine", epochs=2)
+    _, history = dsae.train(cosine, progress=False)
+    assert [row["lr"] for row in history] == pytest.approx([5e-4, 0.0], abs=1e-12)
+    good = (tmp_path / "cosine" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError) as err:
+        dsae.train(smoke(tmp_path, "cosine", lr_schedule="cosine", epochs=4), progress=False)
+    msg = str(err.value)
+    assert "cosine" in msg and "epochs=2" in msg and "epochs=4" in msg and "run_dir" in msg
+    assert (tmp_path / "cosine" / "checkpoint.pt").read_bytes() == good
+
+    dsae.train(smoke(tmp_path, "constant", epochs=1), progress=False)
+    _, extended = dsae.train(smoke(tmp_path, "constant", epochs=3), progress=False)
+    assert [row["epoch"] for row in extended] == [1, 2, 3] and [row["lr"] for row in extended] == [1e-3] * 3
+
+
 # ----------------------------------------------------------------------------- 4. damaged cache
 def private_copy(cache_folder, dest_cache, copy=("test_frames.npy",)):
     """A cache holding the session cache's files: hard links, except real copies of `copy` (to damage)."""
@@ -199,6 +251,47 @@ def test_config_values_are_coerced_and_the_command_line_writes_nothing_when_bad(
         assert not run.exists()
 
 
+# ----------------------------------------------------------------------------- 8. non-finite loss
+def test_non_finite_loss_messages_are_true_and_their_advice_works(tmp_path, monkeypatch):
+    with pytest.raises(FloatingPointError) as err:  # a fresh run that diverges at once
+        dsae.train(smoke(tmp_path, "fresh", lr=1e9, train_limit=50), progress=False)
+    msg = str(err.value)
+    assert "no checkpoint" in msg and "still holds" not in msg
+    assert not (tmp_path / "fresh" / "checkpoint.pt").exists()
+    _, history = dsae.train(smoke(tmp_path, "fresh", train_limit=50), progress=False)  # the advice: lower lr, rerun
+    assert len(history) == 2
+
+    dsae.train(smoke(tmp_path, "late", epochs=1), progress=False)
+    elbo = dsae.elbo_terms
+    monkeypatch.setattr(dsae, "elbo_terms", lambda m, x: {**elbo(m, x), "loss": torch.tensor(float("inf"))})
+    with pytest.raises(FloatingPointError) as err:
+        dsae.train(smoke(tmp_path, "late", epochs=2), progress=False)
+    msg = str(err.value)
+    assert "last good epoch (1)" in msg and "change_lr=True" in msg and "--change-lr" in msg
+    monkeypatch.setattr(dsae, "elbo_terms", elbo)
+    with pytest.raises(ValueError, match="change_lr=True"):  # a lower lr alone is a different configuration
+        dsae.train(smoke(tmp_path, "late", epochs=2, lr=5e-4), progress=False)
+    _, history = dsae.train(smoke(tmp_path, "late", epochs=2, lr=5e-4), progress=False, change_lr=True)
+    assert [row["lr"] for row in history] == [1e-3, 5e-4]
+    ckpt = torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=False)
+    assert ckpt["lr_changes"] == [{"epoch": 1, "from": 1e-3, "to": 5e-4}] and ckpt["config"]["lr"] == 5e-4
+
+
+# ----------------------------------------------------------------------------- 9. unreadable checkpoint
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_unreadable_checkpoint_names_the_file_and_the_fix(tmp_path, damage):
+    config = smoke(tmp_path, "run", epochs=1)
+    dsae.train(config, progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2] if damage == "truncated" else b"")
+    for call in (lambda: dsae.train(config, progress=False), lambda: dsae.load_checkpoint(path)):
+        with pytest.raises(dsae.CheckpointError) as err:
+            call()
+        assert str(path) in str(err.value) and "delete it" in str(err.value)
+    path.unlink()  # the advice
+    assert len(dsae.train(config, progress=False)[1]) == 1
+
+
 # ----------------------------------------------------------------------------- 10. sheet sizes
 def test_sheet_of_the_wrong_size_is_refused_without_checksums(tmp_path, copy_sheets):
     sheets = copy_sheets(tmp_path / "sheets")
@@ -210,3 +303,69 @@ def test_sheet_of_the_wrong_size_is_refused_without_checksums(tmp_path, copy_she
     assert str(sheets / "topwear/2.png") in msg and "100x100" in msg and "832x1344" in msg
     assert not cache.exists() or not any(cache.iterdir())
 
+
+# ----------------------------------------------------------------------------- kill -9 anywhere, then resume
+KILLABLE = """
+run, point = sys.argv[1], sys.argv[2]
+kind, _, n = point.partition(":")
+calls = [0]
+def die_at_call():
+    calls[0] += 1
+    if calls[0] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+if kind == "step":  # before the n-th train step of this process
+    step = dsae.train_step
+    def killing_step(*args, **kwargs):
+        die_at_call()
+        return step(*args, **kwargs)
+    dsae.train_step = killing_step
+elif kind == "save":  # half-way through writing the n-th checkpoint of this process
+    save = torch.save
+    def killing_save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        save(obj, buf, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            out.flush()
+            die_at_call()
+            out.write(buf.getvalue()[len(buf.getvalue()) // 2:])
+    torch.save = killing_save
+elif kind == "metrics":  # after the n-th checkpoint is in place, before its metrics.json
+    write = dsae._atomic_write_text
+    def killing_write(path, text):
+        if Path(path).name == "metrics.json":
+            die_at_call()
+        write(path, text)
+    dsae._atomic_write_text = killing_write
+model, history = dsae.train(dsae.make_config("smoke", run_dir=run, epochs=2, train_limit=50), progress=False)
+torch.save({"model": model.state_dict(), "history": history}, Path(run) / "final.pt")
+"""
+
+
+def test_kill_9_at_any_point_then_resume_gives_identical_weights_and_history(tmp_path):
+    """SIGKILL during epochs, during checkpoint writes, between checkpoint and metrics and at a random moment;
+    each rerun resumes; the end equals an uninterrupted run bit for bit (wall times aside)."""
+    reference = spawn(KILLABLE, tmp_path / "reference", "none")
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    expected = torch.load(tmp_path / "reference" / "final.pt", weights_only=False)
+
+    run = tmp_path / "killed"
+    rng = random.Random(11)
+    # 2 steps per epoch: mid epoch 1; writing its checkpoint; between it and metrics.json; mid epoch 2; anywhere;
+    # after the last checkpoint (or, if the random kill came late, in the resume of the finished run); to the end
+    for point in ("step:2", "save:1", "metrics:1", "step:2", "random", "metrics:1", "none"):
+        proc = spawn(KILLABLE, run, point)
+        if point == "random":  # a real external kill at a random moment (import, data, an epoch or a write)
+            time.sleep(rng.uniform(1.0, 4.0))
+            proc.kill()
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == (0 if point == "none" else -signal.SIGKILL) or point == "random", (point, err)
+    got = torch.load(run / "final.pt", weights_only=False)
+    assert got["model"].keys() == expected["model"].keys()
+    for k, v in expected["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    assert len(got["history"]) == 2
+    assert without_wall_time(got["history"]) == without_wall_time(expected["history"])
+    assert without_wall_time(json.loads((run / "metrics.json").read_text())) == without_wall_time(got["history"])
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (tmp_path / "reference").iterdir())
