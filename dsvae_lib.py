@@ -1309,16 +1309,23 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True):
     if not runs:
         raise FileNotFoundError(f"no trained run of profile {profile!r} under {ROOT / 'runs'}; run notebook 03 "
                                 f"or `python dsvae_lib.py train --profile {profile}` first")
+    device = pick_device()
+    loaded = {q: load_checkpoint(path, device) for q, path in runs.items()}
+    for q, (_, ckpt) in loaded.items():  # the checkpoint's own config names the run, and must match its folder
+        got = ckpt["config"].get("profile"), ckpt["config"].get("q_z")
+        if got != (profile, q):
+            raise ValueError(f"{runs[q]} holds a run of profile {got[0]!r} with q_z={got[1]!r}, but lies in the "
+                             f"folder of profile {profile!r} with q_z={q!r}; move it to the folder of its own run "
+                             f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
     jc = judge_config(profile)
     judge, judge_acc = train_judge(jc, progress=progress)
     test = load_sprites("test")
-    device = pick_device()
     judge = judge.to(device)
     result = {"profile": profile, "data": build_cache().name, "test sequences": jc.test_limit or len(test),
               "seeds": list(seeds), "judge": {"config": jc.__dict__, "test accuracy": judge_acc},
               "published": PUBLISHED, "runs": {}}
     for q, path in runs.items():
-        model, ckpt = load_checkpoint(path, device)
+        model, ckpt = loaded[q]
         rows, confusions = evaluate(model, judge, test, seeds, jc.test_limit, progress)
         summary = summarise(rows)
         result["runs"][q] = {"checkpoint": str(path.relative_to(ROOT)), "checkpoint sha256": sha256(path),

@@ -110,6 +110,25 @@ def test_changing_epochs_of_a_cosine_run_is_refused_and_constant_runs_extend(tmp
     assert [row["epoch"] for row in extended] == [1, 2, 3] and [row["lr"] for row in extended] == [1e-3] * 3
 
 
+# ----------------------------------------------------------------------------- 3. evaluation labels
+def test_checkpoint_in_the_folder_of_another_profile_or_q_is_refused(tmp_path, monkeypatch):
+    """A `cpu`/factorised checkpoint placed in runs/smoke-full/ is an error naming both, before any judge
+    is trained or metrics written."""
+    monkeypatch.setattr(dsae, "ROOT", tmp_path)
+    monkeypatch.setattr(dsae, "train_judge", lambda *a, **k: pytest.fail("judge trained before the runs were checked"))
+    config = dsae.make_config("cpu")
+    misplaced = dsae.make_config("smoke", q_z="full").path / "checkpoint.pt"
+    misplaced.parent.mkdir(parents=True)
+    dsae._atomic_save({"config": config.__dict__, "model": dsae.build_model(config, "cpu").state_dict(),
+                       "epoch": 1, "history": [{"epoch": 1, "seconds": 1.0}]}, misplaced)
+    out = tmp_path / "metrics.json"
+    with pytest.raises(ValueError) as err:
+        dsae.evaluate_profile("smoke", out=out, progress=False)
+    msg = str(err.value)
+    assert str(misplaced) in msg and "'cpu'" in msg and "'factorised'" in msg and "'full'" in msg
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------- 4. damaged cache
 def private_copy(cache_folder, dest_cache, copy=("test_frames.npy",)):
     """A cache holding the session cache's files: hard links, except real copies of `copy` (to damage)."""
