@@ -114,7 +114,7 @@ def _checked(name, annotation, value):
     test, rule = _ALLOWED.get(name, (lambda v: True, ""))
     what = {"int": f"an integer {rule}", "float": f"a number {rule}", "bool": "true or false",
             "tuple": f"two numbers {rule}", "str": rule or "a string"}.get(kind, rule or kind)
-    what = f"None or {what}" if optional else what
+    what = f"None or {what}".strip() if optional else what.strip()
     if value is None and optional:
         return None
     try:

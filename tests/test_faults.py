@@ -39,7 +39,7 @@ def cli(*args, env=None):
                           capture_output=True, text=True, timeout=300)
 
 
-def wait_for(path, proc, timeout=120):
+def wait_for(path, proc, timeout=300):
     """Wait until `path` exists while `proc` is alive."""
     t0 = time.time()
     while not Path(path).exists():
@@ -229,7 +229,7 @@ def test_stale_temporary_build_of_a_killed_builder_is_cleaned(tmp_path, copy_she
     builder = spawn("dsae.build_cache(sheets=sys.argv[1], cache=sys.argv[2], verify=False)", sheets, cache_dir)
     t0 = time.time()
     while not [p for p in cache_dir.glob(".building-*") if (p / "train_frames.npy").exists()]:
-        assert builder.poll() is None and time.time() - t0 < 120
+        assert builder.poll() is None and time.time() - t0 < 300
         time.sleep(0.05)
     builder.kill()
     builder.wait()
@@ -364,10 +364,14 @@ torch.save({"model": model.state_dict(), "history": history}, Path(run) / "final
 def test_kill_9_at_any_point_then_resume_gives_identical_weights_and_history(tmp_path):
     """SIGKILL during epochs, during checkpoint writes, between checkpoint and metrics and at a random moment;
     each rerun resumes; the end equals an uninterrupted run bit for bit (wall times aside)."""
-    reference = spawn(KILLABLE, tmp_path / "reference", "none")
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err
-    expected = torch.load(tmp_path / "reference" / "final.pt", weights_only=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed processes: the same float reductions
+    try:
+        model, history = dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "reference"), epochs=2,
+                                                     train_limit=50), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    expected = {"model": model.state_dict(), "history": history}
 
     run = tmp_path / "killed"
     rng = random.Random(11)
@@ -387,4 +391,5 @@ def test_kill_9_at_any_point_then_resume_gives_identical_weights_and_history(tmp
     assert len(got["history"]) == 2
     assert without_wall_time(got["history"]) == without_wall_time(expected["history"])
     assert without_wall_time(json.loads((run / "metrics.json").read_text())) == without_wall_time(got["history"])
-    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (tmp_path / "reference").iterdir())
+    assert sorted(p.name for p in run.iterdir() if p.name != "final.pt") == \
+           sorted(p.name for p in (tmp_path / "reference").iterdir())  # no temporary file left
