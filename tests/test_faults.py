@@ -172,6 +172,7 @@ def test_damaged_cache_is_reported_with_path_and_fix(tmp_path, sheets_dir, cache
     dsae.verify_cache(folder)
     print(f"full verification: {time.perf_counter() - t0:.2f} s")
     assert cli("data", "--verify", env=env).returncode == 0
+    shutil.rmtree(cache)
 
 
 # ----------------------------------------------------------------------------- 5. concurrent builders
@@ -205,15 +206,22 @@ def test_racing_builders_never_remove_a_finished_cache(tmp_path, sheets_dir, cac
     cache, stop = tmp_path / "cache", tmp_path / "stop"
     builders = [spawn(BUILD, sheets_dir, cache) for _ in range(2)]
     reader = spawn(READ, sheets_dir, cache, cache_folder.name, stop)
-    for b in builders:
-        _, err = b.communicate(timeout=600)
-        assert b.returncode == 0, err
-    stop.touch()
-    out, err = reader.communicate(timeout=300)
-    assert reader.returncode == 0, err
-    seen = json.loads(out.strip().splitlines()[-1])
-    assert seen["errors"] == [] and seen["loads"] >= 3 and seen["same"], seen
-    assert sorted(p.name for p in cache.iterdir()) == [cache_folder.name]
+    try:
+        for b in builders:
+            _, err = b.communicate(timeout=600)
+            assert b.returncode == 0, err
+        stop.touch()
+        out, err = reader.communicate(timeout=300)
+        assert reader.returncode == 0, err
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen["errors"] == [] and seen["loads"] >= 3 and seen["same"], seen
+        assert sorted(p.name for p in cache.iterdir()) == [cache_folder.name]
+    finally:
+        for proc in (*builders, reader):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(cache, ignore_errors=True)  # 1.2 GB
 
 
 # ----------------------------------------------------------------------------- 6. stale temporary builds
