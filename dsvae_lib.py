@@ -9,15 +9,20 @@ One module, read top to bottom like the paper's appendix:
   6. evaluation  -- the judge classifier and the disentanglement metrics (paper, S3VAE / C-DSVAE protocol)
   7. plotting    -- frame grids, GIFs, learning curves, swaps, latent spaces, confusion matrices
 
-Command line: `python dsvae_lib.py data` builds the data; `python dsvae_lib.py train --profile cpu` trains.
+Command line: `python dsvae_lib.py data` builds the data (`--verify` checks every byte);
+`python dsvae_lib.py train --profile cpu` trains.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 import urllib.request
@@ -70,15 +75,83 @@ class Config:
     run_dir: str | None = None      # default runs/<profile>-<q_z>
 
     def __post_init__(self):
-        if self.q_z not in ("factorised", "full"):
-            raise ValueError(f"q_z must be 'factorised' or 'full', not {self.q_z!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
-        self.betas = tuple(self.betas)
+        """Coerce each field to its declared type and check its range: one ValueError naming every bad field,
+        its value and what is allowed, before anything is built or written."""
+        errors = []
+        for name, field in self.__dataclass_fields__.items():
+            value = getattr(self, name)
+            try:
+                setattr(self, name, _checked(name, field.type, value))
+            except ValueError as e:
+                errors.append(f"{name} must be {e}, not {value!r}")
+        if errors:
+            raise ValueError("invalid configuration: " + "; ".join(errors))
 
     @property
     def path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else ROOT / "runs" / f"{self.profile}-{self.q_z}"
+
+
+def _is_device(v):
+    try:
+        return v == "auto" or torch.device(v) is not None
+    except RuntimeError:
+        return False
+
+
+_POSITIVE = ("f_dim", "z_dim", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden", "epochs",
+             "batch_size", "train_limit", "eval_limit", "judge_limit")
+_ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fields are checked by type only
+    **{k: (lambda v: v >= 1, ">= 1") for k in _POSITIVE},
+    "lr": (lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    **{k: (lambda v: math.isfinite(v) and v > 0, "> 0 and finite") for k in ("beta_f", "beta_z", "likelihood_var")},
+    "judge_every": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "q_z": (lambda v: v in ("factorised", "full"), "'factorised' or 'full'"),
+    "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+    "device": (_is_device, "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"),
+}
+
+
+def _checked(name, annotation, value):
+    """`value` coerced to the field's annotated type (e.g. "3" -> 3 for an int) and range-checked; ValueError
+    saying what is allowed otherwise."""
+    kind = str(annotation).split("|")[0].strip()
+    optional = "None" in str(annotation)
+    test, rule = _ALLOWED.get(name, (lambda v: True, ""))
+    what = {"int": f"an integer {rule}", "float": f"a number {rule}", "bool": "true or false",
+            "tuple": f"two numbers {rule}", "str": rule or "a string"}.get(kind, rule or kind)
+    what = f"None or {what}".strip() if optional else what.strip()
+    if value is None and optional:
+        return None
+    try:
+        if kind == "bool":
+            value = {"true": True, "false": False}.get(str(value).lower()) if isinstance(value, str) else value
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            if isinstance(value, str):
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else None
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif kind == "tuple":
+            ok = isinstance(value, (list, tuple)) and not any(isinstance(b, bool) for b in value)
+            value = tuple(float(b) for b in value) if ok else value
+        elif kind == "str":
+            value = os.fspath(value) if isinstance(value, os.PathLike) else value
+            ok = isinstance(value, str)
+        else:  # a type not checked here
+            ok = True
+        ok = ok and test(value)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(what)
+    return value
 
 
 PROFILES = {
@@ -124,6 +197,7 @@ MOTIONS = tuple(f"{a}-{d}" for a in ACTIONS for d in DIRECTIONS)  # motion label
 ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}  # sheet row for front, left, right
 COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4, 5, 4, 6), "slash": (0, 1, 2, 3, 4, 5, 4, 0)}
 T, CELL = 8, 64
+SHEET_SIZE = (13 * CELL, 21 * CELL)  # (width, height) of every LPC sheet
 
 # SHA-256 of every sheet the protocol uses, at SPRITES_COMMIT.
 SHEET_SHA256 = dict(line.split()[::-1] for line in """
@@ -173,7 +247,11 @@ class SheetError(RuntimeError):
 
 
 def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _check_sheets(folder, verify=True):
@@ -190,6 +268,14 @@ def _check_sheets(folder, verify=True):
             raise SheetError(f"sprite sheet {path} is corrupted: sha256 {sums[rel]}, expected {expected}. "
                              f"Replace it with {SPRITES_URL.format(path=rel)} (or delete the folder to download "
                              f"again); pass verify=False only for deliberately modified art.")
+        try:
+            size = Image.open(path).size  # reads the header only
+        except OSError:
+            size = None
+        if size != SHEET_SIZE:
+            got = "not a readable image" if size is None else f"{size[0]}x{size[1]} pixels"
+            raise SheetError(f"sprite sheet {path} is {got}; every sheet must be a {SHEET_SIZE[0]}x{SHEET_SIZE[1]} "
+                             f"LPC sheet (13 x 21 cells of {CELL} px). Replace it with {SPRITES_URL.format(path=rel)}.")
     return sums
 
 
@@ -278,31 +364,132 @@ def _build(folder, out):
 def build_cache(sheets=None, cache=None, verify=True):
     """Folder holding the built data; rebuilt only when the sheets' checksums or PROTOCOL_VERSION change.
 
-    The build goes to a temporary folder that is renamed into place when complete: no partial cache.
+    The build goes to a temporary folder (named by host and pid) that is renamed into place when complete: no
+    partial cache. Of concurrent builds the first rename wins and the others discard theirs; a finished cache is
+    never removed. Temporary folders of dead builders are removed. Every call checks the arrays' headers, sizes
+    and spot checksums (CacheError naming the file and the fix if damaged); `verify_cache` checks every byte.
     """
     folder = find_sheets(sheets)
     sums = _check_sheets(folder, verify)
     key = hashlib.sha256(json.dumps([PROTOCOL_VERSION, sorted(sums.items())]).encode()).hexdigest()[:16]
     cache = Path(cache or os.environ.get("DSVAE_CACHE") or ROOT / "data")
     final = cache / f"sprites-v{PROTOCOL_VERSION}-{key}"
-    if (final / "manifest.json").is_file():
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".building-"))
-    try:
-        _build(folder, tmp)
-        (tmp / "manifest.json").write_text(json.dumps({"protocol": PROTOCOL_VERSION, "sheets": str(folder),
-                                                       "sha256": sums}, indent=1))
-        tmp.chmod(0o755)
-        if final.exists():  # a folder without manifest is not a cache: an interrupted copy by hand, say
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "manifest.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if cache.is_dir():
+        _remove_stale_builds(cache)
+    if not (final / "manifest.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".building-{socket.gethostname()}-{os.getpid()}-"))
+        try:
+            _build(folder, tmp)
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p), "spot_sha256": _spot_sha256(p)}
+                     for p in sorted(tmp.glob("*.npy"))}
+            (tmp / "manifest.json").write_text(json.dumps({"protocol": PROTOCOL_VERSION, "sheets": str(folder),
+                                                           "sha256": sums, "files": files}, indent=1))
+            tmp.chmod(0o755)
+            try:
+                os.rename(tmp, final)  # fails while `final` is a non-empty folder: the first complete build wins
+            except OSError:
+                if (final / "manifest.json").is_file():
+                    pass  # another build was first: it stays, ours is discarded
+                elif final.is_dir():  # a folder without manifest is not a cache: an interrupted copy by hand, say
+                    shutil.rmtree(final)
+                    os.rename(tmp, final)
+                else:
+                    raise
+        except OSError:
+            if not (final / "manifest.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _check_cache(final)
     return final
+
+
+class CacheError(RuntimeError):
+    """A built cache is damaged: an array missing, truncated or changed."""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def _remove_stale_builds(cache):
+    """Remove the temporary builds (.building-<host>-<pid>-*) of this host whose builder is dead."""
+    for tmp in cache.glob(".building-*"):
+        try:
+            host, pid, _ = tmp.name[len(".building-"):].rsplit("-", 2)
+            pid = int(pid)
+        except ValueError:
+            continue  # named otherwise: its builder cannot be told
+        if host == socket.gethostname() and not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _spot_sha256(path, blocks=64, size=4096):
+    """sha256 of the file size and of `blocks` blocks of `size` bytes spread evenly from its start to its end:
+    a few milliseconds, cheap enough for every load."""
+    n = os.path.getsize(path)
+    h = hashlib.sha256(str(n).encode())
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(max(n - size, 0) * i // (blocks - 1))
+            h.update(f.read(size))
+    return h.hexdigest()
+
+
+def _cache_arrays():
+    """{file name: (shape, dtype)} of every array of a complete cache."""
+    arrays = {}
+    for split, chars in split_characters().items():
+        arrays[f"{split}_frames.npy"] = ((9 * len(chars), T, CELL, CELL, 3), np.dtype(np.uint8))
+        arrays[f"{split}_character.npy"] = ((9 * len(chars),), np.dtype(np.int16))
+    return arrays
+
+
+def _check_cache(folder, full=False):
+    """Raise CacheError naming the file and the fix unless every array of `folder` has the protocol's shape,
+    dtype and exact file size and matches the manifest's spot checksum (full: its sha256 of every byte)."""
+    files = json.loads((folder / "manifest.json").read_text()).get("files", {})
+    problems = []
+    for name, (shape, dtype) in _cache_arrays().items():
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                got_shape, _, got_dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                           else np.lib.format.read_array_header_2_0)(f)
+                expected_bytes = f.tell() + int(np.prod(got_shape)) * got_dtype.itemsize
+            size = os.path.getsize(path)
+        except (OSError, ValueError) as e:
+            problems.append(f"{path} cannot be read ({e})")
+            continue
+        if (got_shape, got_dtype) != (shape, dtype):
+            problems.append(f"{path} holds {got_dtype} {got_shape}, expected {dtype} {shape}")
+        elif size != expected_bytes:
+            problems.append(f"{path} is {size} bytes, expected {expected_bytes} (truncated or extended)")
+        elif name in files and _spot_sha256(path) != files[name]["spot_sha256"]:
+            problems.append(f"{path} has changed bytes (spot checksum mismatch)")
+        elif full and name in files and sha256(path) != files[name]["sha256"]:
+            problems.append(f"{path} has changed bytes (sha256 checksum mismatch)")
+    fix = f"Delete it (rm -r {folder}) and run `python dsvae_lib.py data` to rebuild it."
+    if problems:
+        raise CacheError(f"the Sprites cache {folder} is damaged: {'; '.join(problems)}. {fix}")
+    if full and not files:
+        raise CacheError(f"the Sprites cache {folder} cannot be verified: its manifest records no checksums "
+                         f"(built by an older version). {fix}")
+
+
+def verify_cache(folder=None):
+    """Check every byte of a built cache (default: the current one) against its manifest; CacheError if not."""
+    folder = Path(folder) if folder else build_cache()
+    _check_cache(folder, full=True)
+    return folder
 
 
 @dataclass
@@ -730,13 +917,94 @@ def evaluate_elbo(model, batches):
     return {k: v / n for k, v in sums.items()}
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read: truncated, empty or not written by `train`."""
+
+
+def _read_checkpoint(path, device):
+    """The dict `train` saved at `path`; CheckpointError naming the file and the fix if it cannot be read."""
+    path = Path(path)
+    fix = (f"delete it to train that run again from the start (rerun with the same config), or restore it "
+           f"from a copy")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, empty or not a torch file: torch's message names no file
+        raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read "
+                              f"({type(e).__name__}: {e}); it is damaged: {fix}.") from e
+    missing = sorted({"config", "model", "epoch", "history"} - set(ckpt if isinstance(ckpt, dict) else ()))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}, so it was not written by `train`: {fix}.")
+    return ckpt
+
+
+def _check_resume(trained: Config, config: Config, path, change_lr=False):
+    """ValueError unless `config` may resume the run `trained` saved at `path` (lr may change with change_lr;
+    the epoch count may grow, except under a cosine schedule, whose length it is)."""
+    a, b = _comparable(trained), _comparable(config)
+    if change_lr:
+        a.pop("lr"), b.pop("lr")
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        hint = " To go on with another lr, pass change_lr=True (command line: --change-lr)." if diff == ["lr"] else ""
+        raise ValueError(f"{path} was trained with a different configuration ("
+                         + ", ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in diff)
+                         + f"); use another run_dir or delete {Path(path).parent} to start afresh.{hint}")
+    if trained.lr_schedule == "cosine" and trained.epochs != config.epochs:
+        raise ValueError(f"{path} follows a cosine lr schedule over epochs={trained.epochs}; epochs={config.epochs} "
+                         f"would silently change that schedule. Keep epochs={trained.epochs} to resume or load it, "
+                         f"or train epochs={config.epochs} in another run_dir.")
+
+
+def _rescale_lr(optimizer, scheduler, old, new):
+    """Move a restored optimiser and schedule from base lr `old` to `new` (the current lr scales by new/old)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= new / old
+        group["initial_lr"] = new
+    scheduler.base_lrs = [new] * len(scheduler.base_lrs)
+
+
+def _diverged(loss, epoch, saved, ckpt_path, config: Config):
+    """The message of a non-finite loss in `epoch` (0-based), `saved` epochs being in the checkpoint."""
+    head = f"non-finite loss ({loss}) in epoch {epoch + 1} with lr {config.lr}"
+    if not saved:
+        return (f"{head}, before any epoch finished: no checkpoint was written. Lower lr or check the data, then "
+                f"rerun (it starts afresh).")
+    return (f"{head}; {ckpt_path} still holds the last good epoch ({saved}), unchanged. To resume from it with a "
+            f"lower lr, rerun with that lr and change_lr=True (command line: --set lr=... --change-lr); or start "
+            f"afresh in another run_dir.")
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training into the same run folder."""
+
+
+@contextlib.contextmanager
+def _run_lock(run):
+    """Hold an exclusive lock on a run folder (flock on run/.lock, released by the kernel on any exit, kill -9
+    included), then remove what killed runs left there (temporary checkpoint and metrics files)."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunInUseError(f"run folder {run} is in use by another training (pid {f.read().strip() or '?'}); "
+                                f"wait for it to finish or stop it, or train into another run_dir.") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        for tmp in [*run.glob(".checkpoint.pt.tmp-*"), *run.glob("tmp*.part")]:
+            tmp.unlink(missing_ok=True)
+        yield
+
+
 def load_checkpoint(path, device="cpu"):
     """(model in eval mode, checkpoint dict) from a checkpoint written by `train` or a weights file of record
     written by `export_weights` (half-precision state, loaded into a full-precision model)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train first (notebook 03 or `python dsvae_lib.py train`)")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = _read_checkpoint(path, device)
     model = DSAE(Config(**ckpt["config"])).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
@@ -753,7 +1021,8 @@ def train_step(model, optimizer, x, config: Config):
     return terms
 
 
-def train(config: Config, progress=True, train_data: Sprites | None = None, test_data: Sprites | None = None):
+def train(config: Config, progress=True, change_lr=False, train_data: Sprites | None = None,
+          test_data: Sprites | None = None):
     """Train a DSAE (Adam, Eq. 5) on `train_data` (default: the training split) and return (model, history).
 
     Every `judge_every` epochs (and after the last), the judge-protocol metrics of `evaluate` (one sampling seed,
@@ -762,8 +1031,14 @@ def train(config: Config, progress=True, train_data: Sprites | None = None, test
     Each epoch ends with metrics.csv/.json and checkpoint.pt written atomically into config.path. A rerun
     with the same config resumes from the last checkpoint (model, optimiser, scheduler, RNG state), so an
     interrupted run loses at most one epoch; a finished run is just loaded. A non-finite loss stops the run
-    with the last good checkpoint kept.
+    with the last good checkpoint kept. One process at a time trains into a run folder (RunInUseError naming
+    the other). change_lr=True resumes with config.lr instead of the checkpoint's (kept in its lr_changes).
     """
+    with _run_lock(config.path):
+        return _train(config, progress, change_lr, train_data, test_data)
+
+
+def _train(config: Config, progress, change_lr, train_data, test_data):
     import pandas as pd
     device = pick_device(config.device)
     run = config.path
@@ -775,19 +1050,22 @@ def train(config: Config, progress=True, train_data: Sprites | None = None, test
     model = build_model(config, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
     scheduler = _scheduler(optimizer, config)
-    history, start = [], 0
+    history, start, lr_changes = [], 0, []
     if ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if _comparable(Config(**ckpt["config"])) != _comparable(config):
-            raise ValueError(f"{ckpt_path} was trained with a different configuration; use another run_dir "
-                             f"or delete {run} to start afresh")
+        ckpt = _read_checkpoint(ckpt_path, device)
+        _check_resume(Config(**ckpt["config"]), config, ckpt_path, change_lr)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        history, start = ckpt["history"], ckpt["epoch"]
+        history, start, lr_changes = ckpt["history"], ckpt["epoch"], ckpt.get("lr_changes", [])
+        if config.lr != ckpt["config"]["lr"]:  # change_lr: the schedule goes on from the new lr
+            _rescale_lr(optimizer, scheduler, ckpt["config"]["lr"], config.lr)
+            lr_changes = [*lr_changes, {"epoch": start, "from": ckpt["config"]["lr"], "to": config.lr}]
+        _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))  # a kill may have come between
+        _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))  # checkpoint and these
     _atomic_write_text(run / "config.json", json.dumps(config.__dict__, indent=1, default=list))
     if start >= config.epochs:
         return model.eval(), history
@@ -805,9 +1083,7 @@ def train(config: Config, progress=True, train_data: Sprites | None = None, test
         for _, x in bar:
             terms = train_step(step, optimizer, x, config)
             if not torch.isfinite(terms["loss"]):
-                raise FloatingPointError(
-                    f"non-finite loss ({terms['loss'].item()}) in epoch {epoch + 1}; {ckpt_path} still holds the last "
-                    f"good epoch ({start}). Lower lr (now {config.lr}) or check the data, then rerun to resume.")
+                raise FloatingPointError(_diverged(terms["loss"].item(), epoch, start, ckpt_path, config))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.item() * len(x)
             n += len(x)
@@ -824,6 +1100,7 @@ def train(config: Config, progress=True, train_data: Sprites | None = None, test
         history.append(row)
         _atomic_save({"config": config.__dict__, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
+                      "lr_changes": lr_changes,
                       "rng": {"torch": torch.get_rng_state(),
                               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}, ckpt_path)
         _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))
@@ -1195,16 +1472,23 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
     if not runs:
         raise FileNotFoundError(f"no trained run of profile {profile!r} under {ROOT / 'runs'}; run notebook 03 "
                                 f"or `python dsvae_lib.py train --profile {profile}` first")
+    device = pick_device()
+    loaded = {q: load_checkpoint(path, device) for q, path in runs.items()}
+    for q, (_, ckpt) in loaded.items():  # the checkpoint's own config names the run, and must match its folder
+        got = ckpt["config"].get("profile"), ckpt["config"].get("q_z")
+        if got != (profile, q):
+            raise ValueError(f"{runs[q]} holds a run of profile {got[0]!r} with q_z={got[1]!r}, but lies in the "
+                             f"folder of profile {profile!r} with q_z={q!r}; move it to the folder of its own run "
+                             f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
     jc = judge_config(profile)
     judge, judge_acc = train_judge(jc, progress=progress)
     test = load_sprites("test")
-    device = pick_device()
     judge = judge.to(device)
     result = {"profile": profile, "data": build_cache().name, "test sequences": jc.test_limit or len(test),
               "seeds": list(seeds), "judge": {"config": jc.__dict__, "test accuracy": judge_acc},
               "published": PUBLISHED, "runs": {}}
     for q, path in runs.items():
-        model, ckpt = load_checkpoint(path, device)
+        model, ckpt = loaded[q]
         rows, confusions = evaluate(model, judge, test, seeds, jc.test_limit, progress)
         summary = summarise(rows)
         result["runs"][q] = {"checkpoint": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
@@ -1671,15 +1955,27 @@ def main(argv=None):
     p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override config fields, e.g. --set q_z=full epochs=10")
-    sub.add_parser("data", help="build (or check) the data cache")
+    p.add_argument("--change-lr", action="store_true", help="resume a run with the lr given by --set lr=...")
+    d = sub.add_parser("data", help="build (or check) the data cache")
+    d.add_argument("--verify", action="store_true", help="also check every byte against the manifest's checksums")
     p = sub.add_parser("export", help="write the weights of record weights/<profile>-<q_z>.pt from a finished run")
     p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
     p.add_argument("--q-z", default="factorised", choices=("factorised", "full"))
     p = sub.add_parser("readme", help="rewrite the README's results section from figures/metrics.json")
     p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
     args = parser.parse_args(argv)
+    try:
+        _command(parser, args)
+    except (SheetError, CacheError, CheckpointError, RunInUseError, FloatingPointError, ValueError) as e:
+        parser.exit(1, f"error: {e}\n")
+
+
+def _command(parser, args):
     if args.command == "data":
-        print(build_cache())
+        folder = build_cache()
+        if args.verify:
+            verify_cache(folder)
+        print(folder)
         return
     if args.command == "readme":
         print(update_readme(figures_dir(args.profile) / "metrics.json"))
@@ -1706,7 +2002,7 @@ def main(argv=None):
         config = make_config(args.profile, **overrides)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
-    _, history = train(config)
+    _, history = train(config, change_lr=args.change_lr)
     print(json.dumps(history[-1], indent=1))
 
 

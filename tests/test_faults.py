@@ -1,0 +1,403 @@
+"""Faults and bad input: run folders, checkpoints, caches and configs never fail silently and never lose work.
+
+Concurrency and crashes use real processes (subprocess, SIGKILL) on the real Sprites data.
+"""
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dsvae_lib as dsae
+
+ROOT = dsae.ROOT
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+PRELUDE = "import io, os, signal, sys, time\nfrom pathlib import Path\nimport torch\ntorch.set_num_threads(1)\n" \
+          "import dsvae_lib as dsae\n"
+WALL = ("seconds", "seq_per_s")  # wall-time fields of a history row
+
+
+def spawn(code, *args, env=None):
+    """A real Python process running `code` (after PRELUDE) with sys.argv[1:] = args."""
+    return subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code), *map(str, args)],
+                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "dsvae_lib.py"), *map(str, args)], env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+def wait_for(path, proc, timeout=300):
+    """Wait until `path` exists while `proc` is alive."""
+    t0 = time.time()
+    while not Path(path).exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.05)
+
+
+def smoke(tmp_path, name, **overrides):
+    return dsae.make_config("smoke", run_dir=str(tmp_path / name), **{"train_limit": 25, **overrides})
+
+
+def without_wall_time(history):
+    return [{k: v for k, v in row.items() if k not in WALL} for row in history]
+
+
+# ----------------------------------------------------------------------------- 1. one training per run folder
+HELD = """
+run, started = sys.argv[1], Path(sys.argv[2])
+step = dsae.train_step
+def held(*args, **kwargs):  # hold the run folder: signal, then wait (to be killed)
+    started.touch()
+    time.sleep(600)
+dsae.train_step = held
+dsae.train(dsae.make_config("smoke", run_dir=run, epochs=1, train_limit=25), progress=False)
+"""
+
+
+def test_second_training_on_a_run_folder_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path):
+    """While a training holds a run folder, a second one (other lr) stops naming the holder's pid and writes
+    nothing; once the holder is killed -9, the folder is free and ends up entirely from the second run."""
+    run = tmp_path / "run"
+    holder = spawn(HELD, run, tmp_path / "started")
+    try:
+        wait_for(tmp_path / "started", holder)
+        config_before = (run / "config.json").read_text()
+        second = cli("train", "--profile", "smoke", "--set", f"run_dir={run}", "lr=0.002", "epochs=1", "train_limit=25")
+        assert second.returncode != 0
+        assert f"pid {holder.pid}" in second.stderr and str(run) in second.stderr, second.stderr
+        assert (run / "config.json").read_text() == config_before
+        assert not (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    again = cli("train", "--profile", "smoke", "--set", f"run_dir={run}", "lr=0.002", "epochs=1", "train_limit=25")
+    assert again.returncode == 0, again.stderr
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert json.loads((run / "config.json").read_text())["lr"] == ckpt["config"]["lr"] == 0.002
+    assert json.loads((run / "metrics.json").read_text()) == ckpt["history"] and ckpt["history"][0]["lr"] == 0.002
+
+
+# ----------------------------------------------------------------------------- 2. the lr schedule on resume
+def test_changing_epochs_of_a_cosine_run_is_refused_and_constant_runs_extend(tmp_path):
+    cosine = smoke(tmp_path, "cosine", lr_schedule="cosine", epochs=2)
+    _, history = dsae.train(cosine, progress=False)
+    assert [row["lr"] for row in history] == pytest.approx([5e-4, 0.0], abs=1e-12)
+    good = (tmp_path / "cosine" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError) as err:
+        dsae.train(smoke(tmp_path, "cosine", lr_schedule="cosine", epochs=4), progress=False)
+    msg = str(err.value)
+    assert "cosine" in msg and "epochs=2" in msg and "epochs=4" in msg and "run_dir" in msg
+    assert (tmp_path / "cosine" / "checkpoint.pt").read_bytes() == good
+
+    dsae.train(smoke(tmp_path, "constant", epochs=1), progress=False)
+    _, extended = dsae.train(smoke(tmp_path, "constant", epochs=3), progress=False)
+    assert [row["epoch"] for row in extended] == [1, 2, 3] and [row["lr"] for row in extended] == [1e-3] * 3
+
+
+# ----------------------------------------------------------------------------- 3. evaluation labels
+def test_checkpoint_in_the_folder_of_another_profile_or_q_is_refused(tmp_path, monkeypatch):
+    """A `cpu`/factorised checkpoint placed in runs/smoke-full/ is an error naming both, before any judge
+    is trained or metrics written."""
+    monkeypatch.setattr(dsae, "ROOT", tmp_path)
+    monkeypatch.setattr(dsae, "train_judge", lambda *a, **k: pytest.fail("judge trained before the runs were checked"))
+    config = dsae.make_config("cpu")
+    misplaced = dsae.make_config("smoke", q_z="full").path / "checkpoint.pt"
+    misplaced.parent.mkdir(parents=True)
+    dsae._atomic_save({"config": config.__dict__, "model": dsae.build_model(config, "cpu").state_dict(),
+                       "epoch": 1, "history": [{"epoch": 1, "seconds": 1.0}]}, misplaced)
+    out = tmp_path / "metrics.json"
+    with pytest.raises(ValueError) as err:
+        dsae.evaluate_profile("smoke", out=out, progress=False)
+    msg = str(err.value)
+    assert str(misplaced) in msg and "'cpu'" in msg and "'factorised'" in msg and "'full'" in msg
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- 4. damaged cache
+def private_copy(cache_folder, dest_cache, copy=("test_frames.npy",)):
+    """A cache holding the session cache's files: hard links, except real copies of `copy` (to damage)."""
+    folder = dest_cache / cache_folder.name
+    folder.mkdir(parents=True)
+    for p in cache_folder.iterdir():
+        (shutil.copyfile if p.name in copy else os.link)(p, folder / p.name)
+    return folder
+
+
+def test_damaged_cache_is_reported_with_path_and_fix(tmp_path, sheets_dir, cache_folder):
+    """Truncated frames: loading and `data` fail naming the file and the fix; frames zeroed in place: `data
+    --verify` fails naming the file; an intact cache verifies."""
+    cache = tmp_path / "cache"
+    folder = private_copy(cache_folder, cache)
+    env = {"DSVAE_SHEETS": str(sheets_dir), "DSVAE_CACHE": str(cache)}
+    frames = folder / "test_frames.npy"
+    t0 = time.perf_counter()
+    assert len(dsae.load_sprites("test", sheets=sheets_dir, cache=cache)) == 2664
+    print(f"load with checks: {time.perf_counter() - t0:.3f} s")
+
+    with open(frames, "r+b") as f:
+        f.truncate(frames.stat().st_size - 4096)
+    with pytest.raises(dsae.CacheError) as err:
+        dsae.load_sprites("test", sheets=sheets_dir, cache=cache)
+    msg = str(err.value)
+    assert str(frames) in msg and str(folder) in msg and "dsvae_lib.py data" in msg
+    data = cli("data", env=env)
+    assert data.returncode != 0 and str(frames) in data.stderr, data.stderr
+
+    shutil.copyfile(cache_folder / "test_frames.npy", frames)
+    zeroed = np.load(frames, mmap_mode="r+")
+    zeroed[1000] = 0  # one sequence blanked in place, size unchanged
+    zeroed.flush()
+    del zeroed
+    verify = cli("data", "--verify", env=env)
+    assert verify.returncode != 0 and str(frames) in verify.stderr and "checksum" in verify.stderr, verify.stderr
+
+    shutil.copyfile(cache_folder / "test_frames.npy", frames)
+    t0 = time.perf_counter()
+    dsae.verify_cache(folder)
+    print(f"full verification: {time.perf_counter() - t0:.2f} s")
+    assert cli("data", "--verify", env=env).returncode == 0
+    shutil.rmtree(cache)
+
+
+# ----------------------------------------------------------------------------- 5. concurrent builders
+BUILD = """
+sheets, cache = sys.argv[1], sys.argv[2]
+dsae.build_cache(sheets=sheets, cache=cache)
+"""
+READ = """
+import json
+sheets, cache, name, stop = sys.argv[1], Path(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+final = cache / name
+while not (final / "manifest.json").exists():
+    time.sleep(0.01)
+first, loads, errors = (final.stat().st_ino, (final / "train_frames.npy").stat().st_ino), 0, []
+while not stop.exists() or loads < 3:
+    try:
+        data = dsae.load_sprites("test", sheets=sheets, cache=cache)
+        assert data.frames[-1].any()
+        loads += 1
+        time.sleep(0.02)
+    except Exception as e:
+        errors.append(repr(e))
+last = (final.stat().st_ino, (final / "train_frames.npy").stat().st_ino)
+print(json.dumps({"loads": loads, "errors": errors[:3], "same": first == last}))
+"""
+
+
+def test_racing_builders_never_remove_a_finished_cache(tmp_path, sheets_dir, cache_folder):
+    """Two builders race into an empty cache while a third process loads in a loop: the first complete build
+    stays in place (same inodes), the reader never fails, no temporary build is left."""
+    cache, stop = tmp_path / "cache", tmp_path / "stop"
+    builders = [spawn(BUILD, sheets_dir, cache) for _ in range(2)]
+    reader = spawn(READ, sheets_dir, cache, cache_folder.name, stop)
+    try:
+        for b in builders:
+            _, err = b.communicate(timeout=600)
+            assert b.returncode == 0, err
+        stop.touch()
+        out, err = reader.communicate(timeout=300)
+        assert reader.returncode == 0, err
+        seen = json.loads(out.strip().splitlines()[-1])
+        assert seen["errors"] == [] and seen["loads"] >= 3 and seen["same"], seen
+        assert sorted(p.name for p in cache.iterdir()) == [cache_folder.name]
+    finally:
+        for proc in (*builders, reader):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(cache, ignore_errors=True)  # 1.2 GB
+
+
+# ----------------------------------------------------------------------------- 6. stale temporary builds
+def test_stale_temporary_build_of_a_killed_builder_is_cleaned(tmp_path, copy_sheets, sheets_dir, cache_dir,
+                                                               cache_folder):
+    """A builder killed -9 leaves its temporary folder; the next build_cache in that cache removes it, but
+    never the folder of a live builder."""
+    sheets = copy_sheets(tmp_path / "sheets")
+    img = Image.open(sheets / "hair/1.png").convert("RGBA")
+    img.putpixel((0, 0), (1, 2, 3, 255))  # another key: a real build into the shared session cache
+    img.save(sheets / "hair/1.png")
+    before = {p.name for p in cache_dir.iterdir()}
+    builder = spawn("dsae.build_cache(sheets=sys.argv[1], cache=sys.argv[2], verify=False)", sheets, cache_dir)
+    t0 = time.time()
+    while not [p for p in cache_dir.glob(".building-*") if (p / "train_frames.npy").exists()]:
+        assert builder.poll() is None and time.time() - t0 < 300
+        time.sleep(0.05)
+    builder.kill()
+    builder.wait()
+    stale = [p for p in cache_dir.glob(".building-*")]
+    assert stale
+    live = cache_dir / f".building-{socket.gethostname()}-{os.getpid()}-live"  # this process: alive
+    live.mkdir()
+    try:
+        assert dsae.build_cache(sheets=sheets_dir, cache=cache_dir) == cache_folder
+        assert not [p for p in stale if p.exists()]
+        assert live.is_dir()
+    finally:
+        shutil.rmtree(live, ignore_errors=True)
+    assert {p.name for p in cache_dir.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------- 7. config validation
+@pytest.mark.parametrize("field, value, allowed", [
+    ("epochs", -1, "integer >= 1"), ("batch_size", 0, "integer >= 1"), ("train_limit", 0, "integer >= 1"),
+    ("epochs", "abc", "integer >= 1"), ("lr", -1, "> 0"), ("lr", float("nan"), "> 0"), ("epochs", 2.5, "integer"),
+    ("bf16", "maybe", "true or false"), ("betas", (0.9,), "two numbers"), ("device", "gpu", "cuda"),
+    ("q_z", "lstm", "'factorised' or 'full'")])
+def test_bad_config_value_is_one_clear_error(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        dsae.make_config("smoke", **{field: value})
+    msg = str(err.value)
+    assert f"{field} must be" in msg and repr(value) in msg and allowed in msg, msg
+
+
+def test_config_values_are_coerced_and_the_command_line_writes_nothing_when_bad(tmp_path):
+    config = dsae.make_config("smoke", epochs="3", lr="1e-3", train_limit=50.0, run_dir=tmp_path / "r")
+    assert (config.epochs, config.lr, config.train_limit, config.run_dir) == (3, 1e-3, 50, str(tmp_path / "r"))
+    assert type(config.epochs) is int and type(config.lr) is float
+    for bad in ("epochs=-1", "batch_size=0", "train_limit=0", "epochs=abc", "lr=-1"):
+        run = tmp_path / bad.replace("=", "_")
+        out = cli("train", "--profile", "smoke", "--set", f"run_dir={run}", bad)
+        assert out.returncode != 0 and bad.split("=")[0] in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert not run.exists()
+
+
+# ----------------------------------------------------------------------------- 8. non-finite loss
+def test_non_finite_loss_messages_are_true_and_their_advice_works(tmp_path, monkeypatch):
+    with pytest.raises(FloatingPointError) as err:  # a fresh run that diverges at once
+        dsae.train(smoke(tmp_path, "fresh", lr=1e9, train_limit=50), progress=False)
+    msg = str(err.value)
+    assert "no checkpoint" in msg and "still holds" not in msg
+    assert not (tmp_path / "fresh" / "checkpoint.pt").exists()
+    _, history = dsae.train(smoke(tmp_path, "fresh", train_limit=50), progress=False)  # the advice: lower lr, rerun
+    assert len(history) == 2
+
+    dsae.train(smoke(tmp_path, "late", epochs=1), progress=False)
+    elbo = dsae.elbo_terms
+    monkeypatch.setattr(dsae, "elbo_terms", lambda m, x: {**elbo(m, x), "loss": torch.tensor(float("inf"))})
+    with pytest.raises(FloatingPointError) as err:
+        dsae.train(smoke(tmp_path, "late", epochs=2), progress=False)
+    msg = str(err.value)
+    assert "last good epoch (1)" in msg and "change_lr=True" in msg and "--change-lr" in msg
+    monkeypatch.setattr(dsae, "elbo_terms", elbo)
+    with pytest.raises(ValueError, match="change_lr=True"):  # a lower lr alone is a different configuration
+        dsae.train(smoke(tmp_path, "late", epochs=2, lr=5e-4), progress=False)
+    _, history = dsae.train(smoke(tmp_path, "late", epochs=2, lr=5e-4), progress=False, change_lr=True)
+    assert [row["lr"] for row in history] == [1e-3, 5e-4]
+    ckpt = torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=False)
+    assert ckpt["lr_changes"] == [{"epoch": 1, "from": 1e-3, "to": 5e-4}] and ckpt["config"]["lr"] == 5e-4
+
+
+# ----------------------------------------------------------------------------- 9. unreadable checkpoint
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_unreadable_checkpoint_names_the_file_and_the_fix(tmp_path, damage):
+    config = smoke(tmp_path, "run", epochs=1)
+    dsae.train(config, progress=False)
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2] if damage == "truncated" else b"")
+    for call in (lambda: dsae.train(config, progress=False), lambda: dsae.load_checkpoint(path)):
+        with pytest.raises(dsae.CheckpointError) as err:
+            call()
+        assert str(path) in str(err.value) and "delete it" in str(err.value)
+    path.unlink()  # the advice
+    assert len(dsae.train(config, progress=False)[1]) == 1
+
+
+# ----------------------------------------------------------------------------- 10. sheet sizes
+def test_sheet_of_the_wrong_size_is_refused_without_checksums(tmp_path, copy_sheets):
+    sheets = copy_sheets(tmp_path / "sheets")
+    Image.new("RGBA", (100, 100), (255, 0, 0, 255)).save(sheets / "topwear/2.png")
+    cache = tmp_path / "cache"
+    with pytest.raises(dsae.SheetError) as err:
+        dsae.load_sprites("test", sheets=sheets, cache=cache, verify=False)
+    msg = str(err.value)
+    assert str(sheets / "topwear/2.png") in msg and "100x100" in msg and "832x1344" in msg
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+# ----------------------------------------------------------------------------- kill -9 anywhere, then resume
+KILLABLE = """
+run, point = sys.argv[1], sys.argv[2]
+kind, _, n = point.partition(":")
+calls = [0]
+def die_at_call():
+    calls[0] += 1
+    if calls[0] == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
+if kind == "step":  # before the n-th train step of this process
+    step = dsae.train_step
+    def killing_step(*args, **kwargs):
+        die_at_call()
+        return step(*args, **kwargs)
+    dsae.train_step = killing_step
+elif kind == "save":  # half-way through writing the n-th checkpoint of this process
+    save = torch.save
+    def killing_save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        save(obj, buf, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+            out.flush()
+            die_at_call()
+            out.write(buf.getvalue()[len(buf.getvalue()) // 2:])
+    torch.save = killing_save
+elif kind == "metrics":  # after the n-th checkpoint is in place, before its metrics.json
+    write = dsae._atomic_write_text
+    def killing_write(path, text):
+        if Path(path).name == "metrics.json":
+            die_at_call()
+        write(path, text)
+    dsae._atomic_write_text = killing_write
+model, history = dsae.train(dsae.make_config("smoke", run_dir=run, epochs=2, train_limit=50), progress=False)
+torch.save({"model": model.state_dict(), "history": history}, Path(run) / "final.pt")
+"""
+
+
+def test_kill_9_at_any_point_then_resume_gives_identical_weights_and_history(tmp_path):
+    """SIGKILL during epochs, during checkpoint writes, between checkpoint and metrics and at a random moment;
+    each rerun resumes; the end equals an uninterrupted run bit for bit (wall times aside)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed processes: the same float reductions
+    try:
+        model, history = dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "reference"), epochs=2,
+                                                     train_limit=50), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    expected = {"model": model.state_dict(), "history": history}
+
+    run = tmp_path / "killed"
+    rng = random.Random(11)
+    # 2 steps per epoch: mid epoch 1; writing its checkpoint; between it and metrics.json; mid epoch 2; anywhere;
+    # after the last checkpoint (or, if the random kill came late, in the resume of the finished run); to the end
+    for point in ("step:2", "save:1", "metrics:1", "step:2", "random", "metrics:1", "none"):
+        proc = spawn(KILLABLE, run, point)
+        if point == "random":  # a real external kill at a random moment (import, data, an epoch or a write)
+            time.sleep(rng.uniform(1.0, 4.0))
+            proc.kill()
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == (0 if point == "none" else -signal.SIGKILL) or point == "random", (point, err)
+    got = torch.load(run / "final.pt", weights_only=False)
+    assert got["model"].keys() == expected["model"].keys()
+    for k, v in expected["model"].items():
+        assert torch.equal(got["model"][k], v), k
+    assert len(got["history"]) == 2
+    assert without_wall_time(got["history"]) == without_wall_time(expected["history"])
+    assert without_wall_time(json.loads((run / "metrics.json").read_text())) == without_wall_time(got["history"])
+    assert sorted(p.name for p in run.iterdir() if p.name != "final.pt") == \
+           sorted(p.name for p in (tmp_path / "reference").iterdir())  # no temporary file left
