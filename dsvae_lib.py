@@ -158,7 +158,7 @@ PROFILES = {
     "paper": {},
     "gpu": dict(epochs=60),
     "cpu": dict(channels=16, enc_hidden=512, frame_dim=256, dec_hidden=512, rnn_hidden=256,
-                epochs=10, lr=1e-3, lr_schedule="cosine"),
+                epochs=10, lr=1e-3, lr_schedule="cosine", judge_every=2),
     "smoke": dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64, rnn_hidden=32,
                   epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50),
 }
