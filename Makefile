@@ -1,39 +1,35 @@
-# make report : set up .venv if missing, build the data, run notebooks 01-05 with papermill, export HTML to reports/
-# make test   : same set-up, then every test (unit tests + nbval over the notebooks, smoke profile)
-# PROFILE=smoke|cpu|gpu|paper picks the report's profile; default: gpu with CUDA, else cpu.
+# make report : set up .venv if missing, run notebooks 01-05 with papermill into reports/ (HTML, reports/index.html);
+#               copies the cleaned notebooks and the figures back only when all succeeded and the profile is one of
+#               record (not smoke), or with RECORD=1. A failed run leaves the repository as it was.
+# make test   : same set-up, then every test (unit tests, papermill and browser tests, nbval over the notebooks
+#               under the smoke profile)
+# PROFILE=smoke|cpu|gpu|paper picks the report's profile; default: $DSVAE_PROFILE, else gpu with CUDA, else cpu.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 PROFILE ?=
+RECORD ?=
 
 .PHONY: report test data venv clean
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . > $(VENV)/editable-install.log 2>&1 \
+	  || { cat $(VENV)/editable-install.log; exit 1; }
 	touch $@
 
 data: venv
-	$(PY) dsvae_lib.py data
+	$(VENV)/bin/dsvae data
 
-report: venv data
-	@mkdir -p reports
-	@profile="$(PROFILE)"; [ -n "$$profile" ] || profile=$$($(PY) -c "import dsvae_lib; print(dsvae_lib.default_profile())"); \
-	echo "report profile: $$profile"; \
-	for nb in $(NOTEBOOKS); do \
-	  name=$$(basename $$nb); \
-	  DSVAE_PROFILE=$$profile PYTHONPATH=$(CURDIR) $(VENV)/bin/papermill --cwd notebooks $$nb reports/$$name -p profile $$profile || exit 1; \
-	  cp reports/$$name $$nb; \
-	  $(VENV)/bin/jupyter nbconvert --log-level WARN --to html reports/$$name --output-dir reports || exit 1; \
-	done; \
-	echo "report written to reports/*.html (profile $$profile)"
+report: venv
+	$(VENV)/bin/dsvae report $(if $(PROFILE),--profile $(PROFILE)) $(if $(filter 1 yes true,$(RECORD)),--record)
 
 test: venv data
 	rm -rf runs/smoke-*  # the notebooks' smoke runs are retrained from scratch on every test run
-	DSVAE_PROFILE=smoke PYTHONPATH=$(CURDIR) $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+	DSVAE_PROFILE=smoke $(PY) -m pytest -q tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
 
 clean:
 	rm -rf reports runs/smoke-*

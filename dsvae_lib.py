@@ -8,9 +8,12 @@ One module, read top to bottom like the paper's appendix:
   5. training    -- Adam, atomic and resumable checkpoints, per-epoch metrics
   6. evaluation  -- the judge classifier and the disentanglement metrics (paper, S3VAE / C-DSVAE protocol)
   7. plotting    -- frame grids, GIFs, learning curves, swaps, latent spaces, confusion matrices
+  8. views       -- the sprite browser, the explorer and the latent walker (ipywidgets), each with a still
+  9. the report  -- notebooks run with papermill into reports/, cleaned, exported to HTML, copied back when of record
 
-Command line: `python dsvae_lib.py data` builds the data (`--verify` checks every byte);
-`python dsvae_lib.py train --profile cpu` trains.
+Command line (`dsvae …` once installed with `pip install -e .`, or `python dsvae_lib.py …`): `data` builds the
+data (`--verify` checks every byte); `train --profile cpu` trains; `export` writes the weights of record from a
+finished run; `readme` rewrites the README's results; `report --profile cpu` runs the notebooks (`make report`).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -26,7 +30,7 @@ import socket
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -154,31 +158,66 @@ def _checked(name, annotation, value):
     return value
 
 
+@dataclass(frozen=True)
+class Profile:
+    """A named profile: model and training config, the judge, how many test sequences the metrics use and
+    where its figures go. `of_record`: its report is the one the repository keeps (notebooks/, figures/)."""
+    config: dict = field(default_factory=dict)   # Config fields over the paper defaults
+    judge: dict = field(default_factory=dict)    # JudgeConfig fields over its defaults
+    test_limit: int | None = None                # metrics and latent embeddings on the first N test sequences
+    figures: str = "figures"                     # folder (relative to the repository) of figures and metrics.json
+    of_record: bool = True
+
+
 PROFILES = {
-    "paper": {},
-    "gpu": dict(epochs=60),
-    "cpu": dict(channels=16, enc_hidden=512, frame_dim=256, dec_hidden=512, rnn_hidden=256,
-                epochs=10, lr=1e-3, lr_schedule="cosine", judge_every=2),
-    "smoke": dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64, rnn_hidden=32,
-                  epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50),
+    "paper": Profile(),
+    "gpu": Profile(config=dict(epochs=60)),
+    "cpu": Profile(config=dict(channels=16, enc_hidden=512, frame_dim=256, dec_hidden=512, rnn_hidden=256,
+                               epochs=10, lr=1e-3, lr_schedule="cosine", judge_every=2)),
+    "smoke": Profile(config=dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64,
+                                 rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50),
+                     judge=dict(width=16, epochs=4, lr=2e-3, train_limit=1800), test_limit=270,
+                     figures="runs/smoke-figures", of_record=False),  # CI and the notebook tests: never figures/
 }
+
+
+def get_profile(name) -> Profile:
+    """The profile record of `name`; an unknown name is an error that lists the valid ones."""
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
 
 
 def make_config(profile="paper", **overrides) -> Config:
     """The named profile, with fields overridden one by one (e.g. from papermill parameters)."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
     fields = set(Config.__dataclass_fields__)
+    base = get_profile(profile).config
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; valid fields are {sorted(fields)}")
-    return Config(profile=profile, **{**PROFILES[profile], **overrides})
+    return Config(profile=profile, **{**base, **overrides})
 
 
 def default_profile(requested=None):
-    """$DSVAE_PROFILE if set (the test runner sets `smoke`, over any notebook parameter), else `requested`,
-    else `gpu` when CUDA is present, else `cpu`."""
-    return os.environ.get("DSVAE_PROFILE") or requested or ("gpu" if torch.cuda.is_available() else "cpu")
+    """The profile to use: `requested` if given, else $DSVAE_PROFILE if set, else `gpu` with CUDA, else `cpu`.
+    The same order holds for notebook parameters, the command line and `make`. Unknown names are rejected."""
+    name = requested or os.environ.get("DSVAE_PROFILE") or ("gpu" if torch.cuda.is_available() else "cpu")
+    get_profile(name)
+    return name
+
+
+def parse_overrides(overrides):
+    """Config overrides as a dict, from a dict or a JSON object string (papermill's `-p overrides '{...}'`)."""
+    if overrides is None or overrides == "":
+        return {}
+    if isinstance(overrides, str):
+        try:
+            overrides = json.loads(overrides)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"overrides must be a JSON object such as '{{\"epochs\": 1}}', not {overrides!r} ({e})")
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides must be a dict or a JSON object of Config fields, not {overrides!r}")
+    return dict(overrides)
 
 
 # ----------------------------------------------------------------------------- data: the protocol
@@ -196,7 +235,10 @@ DIRECTIONS = ("front", "left", "right")
 MOTIONS = tuple(f"{a}-{d}" for a in ACTIONS for d in DIRECTIONS)  # motion label = 3 * action + direction
 ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}  # sheet row for front, left, right
 COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4, 5, 4, 6), "slash": (0, 1, 2, 3, 4, 5, 4, 0)}
-T, CELL = 8, 64
+N_MOTIONS = len(MOTIONS)
+T, CELL = 8, 64  # frames per sequence; side of a sheet cell, which is a frame: 64 x 64 pixels
+FRAME = (3, CELL, CELL)  # one frame as the model reads it: channels, height, width
+FEATURE = 8  # side of the convolutional feature map: the frame after three stride-2 convolutions (64 / 2**3)
 SHEET_SIZE = (13 * CELL, 21 * CELL)  # (width, height) of every LPC sheet
 
 # SHA-256 of every sheet the protocol uses, at SPRITES_COMMIT.
@@ -229,10 +271,26 @@ d56a561616a20a12030d2d40a52eeec63e6d048871bf3b6994221869362151f1 shoes/1.png
 """.split("\n") if line)
 
 
+def encode_character(skin, pants, top, hair):
+    """(skin, pants, top, hair), each 0..5 -> character id 0..1295, PROTOCOL.md's encoding (works on arrays)."""
+    return ((skin * N_VARIANTS + pants) * N_VARIANTS + top) * N_VARIANTS + hair
+
+
 def decode_character(c):
-    """Character id 0..1295 -> (skin, pants, top, hair), PROTOCOL.md's decoding."""
+    """Character id 0..1295 -> (skin, pants, top, hair), the inverse of encode_character."""
     c = np.asarray(c)
-    return np.stack([c // 216, (c // 36) % 6, (c // 6) % 6, c % 6], axis=-1)
+    v = N_VARIANTS
+    return np.stack([c // v ** 3, (c // v ** 2) % v, (c // v) % v, c % v], axis=-1)
+
+
+def motion_index(action, direction):
+    """(action, direction) -> 9-way motion label 0..8, the position of MOTIONS (works on arrays)."""
+    return action * len(DIRECTIONS) + direction
+
+
+def decode_motion(m):
+    """9-way motion label -> (action, direction), the inverse of motion_index."""
+    return np.divmod(np.asarray(m), len(DIRECTIONS))
 
 
 def split_characters():
@@ -298,7 +356,7 @@ def download_sheets(dest=None, url=SPRITES_URL):
             raise SheetError(f"downloaded sheet {rel} from {url.format(path=rel)} is corrupted: sha256 {got}, "
                              f"expected {SHEET_SHA256[rel]}. It was not saved (sheets verified before it were kept); "
                              f"retry, or set DSVAE_SHEETS to a verified local copy.")
-        _atomic_write_bytes(target, payload)
+        atomic_write(target, payload)
     return dest
 
 
@@ -314,24 +372,37 @@ def find_sheets(sheets=None):
     return shared if shared.is_dir() else download_sheets()
 
 
-def _atomic_write_bytes(path, payload):
-    """Write to a temporary file beside `path`, then rename; the temporary file never outlives a failure."""
-    with tempfile.NamedTemporaryFile(dir=Path(path).parent, delete=False, suffix=".part") as f:
+def atomic_write(path, payload):
+    """Write `payload` to `path` atomically: into a temporary file beside it, then renamed over it, so a reader
+    sees the old file or the new one, never half of one; the temporary file never outlives a failure.
+
+    `payload` is bytes, a str (written as UTF-8), or a callable that writes into the binary file object it is
+    given (`lambda f: torch.save(obj, f)`, `lambda f: fig.savefig(f, format="png")`). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False) as f:
         try:
-            f.write(payload)
+            if callable(payload):
+                payload(f)
+            else:
+                f.write(payload.encode() if isinstance(payload, str) else payload)
         except BaseException:
+            f.close()
             os.unlink(f.name)
             raise
     os.chmod(f.name, 0o644)
     os.replace(f.name, path)
+    return path
 
 
 # ----------------------------------------------------------------------------- data: the build
 def _motion_strip(path):
     """One layer's 9 motions x 8 frames as an RGBA strip of 72 cells (64 x 4608), cropped by PROTOCOL.md."""
     sheet = Image.open(path).convert("RGBA")
-    strip = Image.new("RGBA", (CELL * 9 * T, CELL))
-    for m, (action, direction) in enumerate((a, d) for a in ACTIONS for d in range(3)):
+    strip = Image.new("RGBA", (CELL * N_MOTIONS * T, CELL))
+    for m in range(N_MOTIONS):
+        a, direction = map(int, decode_motion(m))
+        action = ACTIONS[a]
         row = ROWS[action][direction]
         for t, col in enumerate(COLUMNS[action]):
             cell = sheet.crop((col * CELL, row * CELL, (col + 1) * CELL, (row + 1) * CELL))
@@ -346,19 +417,20 @@ def compose_character(strips, c):
         canvas = Image.alpha_composite(canvas, strips[f"{folder}/{variant}.png"])
     canvas = Image.alpha_composite(canvas, strips[SHOES])
     rgb = np.asarray(canvas)[..., :3]  # (64, 72*64, 3)
-    return rgb.reshape(CELL, 9, T, CELL, 3).transpose(1, 2, 0, 3, 4)
+    return rgb.reshape(CELL, N_MOTIONS, T, CELL, 3).transpose(1, 2, 0, 3, 4)
 
 
 def _build(folder, out):
     """Write frames and labels of both splits as .npy files into `out` (memory-mapped, low peak memory)."""
     strips = {rel: _motion_strip(Path(folder) / rel) for rel in SHEET_SHA256}
     for split, chars in split_characters().items():
-        frames = np.lib.format.open_memmap(out / f"{split}_frames.npy", "w+", np.uint8, (len(chars) * 9, T, CELL, CELL, 3))
+        frames = np.lib.format.open_memmap(out / f"{split}_frames.npy", "w+", np.uint8,
+                                           (len(chars) * N_MOTIONS, T, CELL, CELL, 3))
         for i, c in enumerate(tqdm(chars, desc=f"build {split}", leave=False)):
-            frames[9 * i:9 * (i + 1)] = compose_character(strips, c)
+            frames[N_MOTIONS * i:N_MOTIONS * (i + 1)] = compose_character(strips, c)
         frames.flush()
         del frames
-        np.save(out / f"{split}_character.npy", np.repeat(chars, 9).astype(np.int16))
+        np.save(out / f"{split}_character.npy", np.repeat(chars, N_MOTIONS).astype(np.int16))
 
 
 def build_cache(sheets=None, cache=None, verify=True):
@@ -500,18 +572,19 @@ class Sprites:
     attributes: np.ndarray  # (N, 4) skin, pants, top, hair in 0..5
     action: np.ndarray      # (N,) walk 0, spellcard 1, slash 2
     direction: np.ndarray   # (N,) front 0, left 1, right 2
+    source: str | None = None  # name of the cache folder it was loaded from (keys files derived from it)
 
     def __len__(self):
         return len(self.frames)
 
     @property
     def motion(self):
-        """9-way motion label, 3 * action + direction."""
-        return 3 * self.action + self.direction
+        """9-way motion label (motion_index of action and direction)."""
+        return motion_index(self.action, self.direction)
 
     def index(self, skin, pants, top, hair, action, direction):
         """Position of the sequence with these labels, or KeyError if its character is in the other split."""
-        c = 216 * skin + 36 * pants + 6 * top + hair
+        c = encode_character(skin, pants, top, hair)
         hits = np.flatnonzero((self.character == c) & (self.action == action) & (self.direction == direction))
         if not len(hits):
             raise KeyError(f"character {c} (skin {skin}, pants {pants}, top {top}, hair {hair}) is not in this split")
@@ -525,8 +598,43 @@ def load_sprites(split, sheets=None, cache=None, verify=True, mmap=True):
     folder = build_cache(sheets, cache, verify)
     frames = np.load(folder / f"{split}_frames.npy", mmap_mode="r" if mmap else None)
     character = np.load(folder / f"{split}_character.npy").astype(np.int64)
-    motion = np.tile(np.arange(9), len(character) // 9)
-    return Sprites(frames, character, decode_character(character), motion // 3, motion % 3)
+    action, direction = decode_motion(np.tile(np.arange(N_MOTIONS), len(character) // N_MOTIONS))
+    return Sprites(frames, character, decode_character(character), action, direction, source=folder.name)
+
+
+def render_character(c, sheets=None):
+    """All 9 motions of character c composed straight from the sheets: uint8 (9, 8, 64, 64, 3)."""
+    return compose_character(_strips(str(find_sheets(sheets))), int(c))
+
+
+@functools.lru_cache(maxsize=2)
+def _strips(folder):
+    _check_sheets(folder)
+    return {rel: _motion_strip(Path(folder) / rel) for rel in SHEET_SHA256}
+
+
+def split_summary(train: Sprites, test: Sprites):
+    """One row per split: sequences, characters, motions per character, frame shape."""
+    import pandas as pd
+    rows = {}
+    for name, d in (("train", train), ("test", test)):
+        per_char = np.bincount(d.character, minlength=N_CHARACTERS)
+        rows[name] = {"sequences": len(d), "characters": len(np.unique(d.character)),
+                      "motions per character": int(per_char[per_char > 0].min()), "frames": str(d.frames.shape[1:])}
+    return pd.DataFrame(rows).T
+
+
+def label_counts(train: Sprites, test: Sprites):
+    """Sequences per label value in each split (attributes, action, direction)."""
+    import pandas as pd
+    rows = []
+    for name, d in (("train", train), ("test", test)):
+        labels = {**{a: d.attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "action": d.action,
+                  "direction": d.direction}
+        for label, values in labels.items():
+            for v, count in enumerate(np.bincount(values, minlength=N_VARIANTS if label in ATTRIBUTES else 3)):
+                rows.append({"split": name, "label": label, "value": v, "sequences": int(count)})
+    return pd.DataFrame(rows).pivot_table(index=["label", "value"], columns="split", values="sequences").astype(int)
 
 
 def to_model_input(frames_u8, device=None):
@@ -611,7 +719,8 @@ class FrameEncoder(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(*_conv(3, c.channels, 1), *_conv(c.channels, c.channels, 2),
                                   *_conv(c.channels, c.channels, 2), *_conv(c.channels, c.channels, 2))
-        self.fc = nn.Sequential(*_affine(8 * 8 * c.channels, c.enc_hidden), *_affine(c.enc_hidden, c.frame_dim))
+        self.fc = nn.Sequential(*_affine(FEATURE * FEATURE * c.channels, c.enc_hidden),
+                                *_affine(c.enc_hidden, c.frame_dim))
 
     def forward(self, x):  # (B, T, 3, 64, 64) -> (B, T, frame_dim)
         b, t = x.shape[:2]
@@ -692,7 +801,8 @@ class Decoder(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.channels = c.channels
-        self.fc = nn.Sequential(*_affine(c.f_dim + c.z_dim, c.dec_hidden), *_affine(c.dec_hidden, 8 * 8 * c.channels))
+        self.fc = nn.Sequential(*_affine(c.f_dim + c.z_dim, c.dec_hidden),
+                                *_affine(c.dec_hidden, FEATURE * FEATURE * c.channels))
         self.deconv = nn.Sequential(*_deconv(c.channels, c.channels), *_deconv(c.channels, c.channels),
                                     *_deconv(c.channels, c.channels),
                                     nn.ConvTranspose2d(c.channels, 3, 5, 1, 2), nn.Tanh())
@@ -700,7 +810,7 @@ class Decoder(nn.Module):
     def forward(self, f, z):  # (B, f_dim), (B, T, z_dim) -> (B, T, 3, 64, 64)
         b, t = z.shape[:2]
         h = self.fc(torch.cat([f.unsqueeze(1).expand(-1, t, -1), z], dim=-1).flatten(0, 1))
-        return self.deconv(h.view(b * t, self.channels, 8, 8)).view(b, t, 3, 64, 64)
+        return self.deconv(h.view(b * t, self.channels, FEATURE, FEATURE)).view(b, t, *FRAME)
 
 
 # ----------------------------------------------------------------------------- model: DSAE
@@ -760,6 +870,12 @@ class DSAE(nn.Module):
         return self.decode(f, z), f, z
 
     @torch.no_grad()
+    def reconstruct(self, x):
+        """Decode the posterior means of x."""
+        post = self.encode(x, sample=False)
+        return self.decode(post.f, post.z)
+
+    @torch.no_grad()
     def swap(self, x_a, x_b):
         """Decode the content f of x_a with the dynamics z_1:T of x_b (posterior means)."""
         return self.decode(self.encode(x_a, sample=False).f, self.encode(x_b, sample=False).z)
@@ -808,7 +924,7 @@ def trace_shapes(config: Config, batch=2):
         for name, module in model.named_modules():
             if name and not list(module.children()) or isinstance(module, (nn.LSTM, nn.RNN)):
                 module.register_forward_hook(hook(name))
-        post, _ = model(torch.empty(batch, T, 3, 64, 64))
+        post, _ = model(torch.empty(batch, T, *FRAME))
         model.prior_z(post.z)
     return pd.DataFrame(rows)
 
@@ -884,15 +1000,12 @@ def _scheduler(optimizer, config):
 
 
 def _atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through atomic_write: a crash never leaves a half-written checkpoint."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _atomic_write_text(path, text):
-    _atomic_write_bytes(path, text.encode())
+    return atomic_write(path, text)
 
 
 def _comparable(config: Config):
@@ -1162,13 +1275,13 @@ class JudgeConfig:
     seed: int = 0
 
 
-JUDGE_PROFILES = {"smoke": dict(width=16, epochs=4, lr=2e-3, train_limit=1800, test_limit=270)}
 HEADS = (*ATTRIBUTES, "motion")
 
 
 def judge_config(profile):
-    """The judge used with a DSAE profile: a full judge for every profile but smoke."""
-    return JudgeConfig(**JUDGE_PROFILES.get(profile, {}))
+    """The judge used with a DSAE profile (its record's `judge`), judged on the record's `test_limit` sequences."""
+    record = get_profile(profile)
+    return JudgeConfig(**{**record.judge, "test_limit": record.test_limit})
 
 
 class Judge(nn.Module):
@@ -1178,20 +1291,22 @@ class Judge(nn.Module):
         super().__init__()
         w = c.width
         layers, c_in = [], 3
-        for c_out in (w, 2 * w, 4 * w, 4 * w):  # 64 -> 32 -> 16 -> 8 -> 4
+        widths = (w, 2 * w, 4 * w, 4 * w)
+        for c_out in widths:  # 64 -> 32 -> 16 -> 8 -> 4
             layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
             c_in = c_out
-        self.frames = nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 4 * w, 4 * w), nn.LeakyReLU(0.2))
+        side = CELL // 2 ** len(widths)
+        self.frames = nn.Sequential(*layers, nn.Flatten(), nn.Linear(side * side * c_in, 4 * w), nn.LeakyReLU(0.2))
         self.gru = nn.GRU(4 * w, 2 * w, batch_first=True, bidirectional=True)
-        self.attributes = nn.Linear(4 * w, 4 * N_VARIANTS)
-        self.motion = nn.Linear(4 * w, 9)
+        self.attributes = nn.Linear(4 * w, len(ATTRIBUTES) * N_VARIANTS)
+        self.motion = nn.Linear(4 * w, N_MOTIONS)
 
     def forward(self, x):
         """x: (B, T, 3, 64, 64) in [-1, 1] -> {head: logits}."""
         b, t = x.shape[:2]
         h = self.frames(x.flatten(0, 1)).view(b, t, -1)
         out, _ = self.gru(h)
-        attributes = self.attributes(h.mean(1)).view(b, 4, N_VARIANTS)
+        attributes = self.attributes(h.mean(1)).view(b, len(ATTRIBUTES), N_VARIANTS)
         return {**{a: attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "motion": self.motion(out.mean(1))}
 
 
@@ -1223,22 +1338,28 @@ def judge_accuracy(judge, data: Sprites, limit=None):
     return {h: float((probs[h].argmax(1) == labels_of(data)[h][:n]).mean()) for h in HEADS}
 
 
-def train_judge(config: JudgeConfig, path=None, progress=True):
-    """Train the judge on the real training split, or load it from `path` when it was trained on the same data.
+def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_data: Sprites | None = None,
+                path=None, progress=True):
+    """Train the judge on `train_data` (default: the real training split) and measure it on `test_data` (default:
+    the real test split), or load it from `path` when it was trained on the same data.
 
-    The file is keyed by the data cache (sheet checksums, protocol version) and the judge config, so the judge
-    is retrained only when it is missing or the data changes. Returns (judge in eval mode, test accuracy).
+    The default file is keyed by the data's cache folder (sheet checksums, protocol version) and the judge config,
+    so the judge is retrained only when it is missing or the data changes; data not loaded by `load_sprites`
+    has no such key, and its judge is saved only to an explicit `path`. Returns (judge in eval mode, test accuracy).
     """
-    data_key = build_cache().name
-    path = Path(path or ROOT / "runs" / f"judge-{data_key}-{hashlib.sha256(repr(config).encode()).hexdigest()[:8]}.pt")
+    train_data = load_sprites("train") if train_data is None else train_data
+    data_key = train_data.source
+    if path is None and data_key is not None:
+        path = ROOT / "runs" / f"judge-{data_key}-{hashlib.sha256(repr(config).encode()).hexdigest()[:8]}.pt"
+    path = Path(path) if path is not None else None
     device = pick_device()
     judge = Judge(config).to(device).to(memory_format=torch.channels_last)
-    if path.is_file():
+    if path is not None and path.is_file():
         saved = torch.load(path, map_location=device, weights_only=False)
         judge.load_state_dict(saved["model"])
         return judge.eval(), saved["test_accuracy"]
     seed_everything(config.seed)
-    train_data, test_data = load_sprites("train"), load_sprites("test")
+    test_data = load_sprites("test") if test_data is None else test_data
     labels = {h: torch.as_tensor(v).to(device) for h, v in labels_of(train_data).items()}
     batches = Batches(train_data, config.batch_size, device, seed=config.seed, limit=config.train_limit)
     optimizer = torch.optim.Adam(judge.parameters(), lr=config.lr)
@@ -1255,9 +1376,9 @@ def train_judge(config: JudgeConfig, path=None, progress=True):
             optimizer.step()
             bar.set_postfix(loss=f"{loss.item():.3f}")
     accuracy = judge_accuracy(judge, test_data, config.test_limit)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"model": judge.state_dict(), "config": config.__dict__, "data": data_key,
-                  "test_accuracy": accuracy}, path)
+    if path is not None:
+        _atomic_save({"model": judge.state_dict(), "config": config.__dict__, "data": data_key,
+                      "test_accuracy": accuracy}, path)
     return judge.eval(), accuracy
 
 
@@ -1457,8 +1578,9 @@ def trained_runs(profile, weights=True, folder=None):
 
 
 def figures_dir(profile):
-    """figures/ for real runs; the smoke profile (CI) writes to runs/smoke-figures/ and never touches figures/."""
-    return ROOT / "runs" / "smoke-figures" if profile == "smoke" else ROOT / "figures"
+    """Where a profile's figures and metrics.json go: $DSVAE_FIGURES if set (a report run stages them there),
+    else the profile record's folder (figures/; runs/smoke-figures/ for smoke, so CI never touches figures/)."""
+    return Path(os.environ.get("DSVAE_FIGURES") or ROOT / get_profile(profile).figures)
 
 
 def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=True):
@@ -1506,39 +1628,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
 
 
 # ----------------------------------------------------------------------------- plotting
-def render_character(c, sheets=None):
-    """All 9 motions of character c composed straight from the sheets: uint8 (9, 8, 64, 64, 3)."""
-    return compose_character(_strips(str(find_sheets(sheets))), int(c))
-
-
-@functools.lru_cache(maxsize=2)
-def _strips(folder):
-    _check_sheets(folder)
-    return {rel: _motion_strip(Path(folder) / rel) for rel in SHEET_SHA256}
-
-
-def split_summary(train: Sprites, test: Sprites):
-    """One row per split: sequences, characters, motions per character, frame shape."""
-    import pandas as pd
-    rows = {}
-    for name, d in (("train", train), ("test", test)):
-        per_char = np.bincount(d.character, minlength=N_CHARACTERS)
-        rows[name] = {"sequences": len(d), "characters": len(np.unique(d.character)),
-                      "motions per character": int(per_char[per_char > 0].min()), "frames": str(d.frames.shape[1:])}
-    return pd.DataFrame(rows).T
-
-
-def label_counts(train: Sprites, test: Sprites):
-    """Sequences per label value in each split (attributes, action, direction)."""
-    import pandas as pd
-    rows = []
-    for name, d in (("train", train), ("test", test)):
-        labels = {**{a: d.attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "action": d.action,
-                  "direction": d.direction}
-        for label, values in labels.items():
-            for v, count in enumerate(np.bincount(values, minlength=6 if label in ATTRIBUTES else 3)):
-                rows.append({"split": name, "label": label, "value": v, "sequences": int(count)})
-    return pd.DataFrame(rows).pivot_table(index=["label", "value"], columns="split", values="sequences").astype(int)
+FIGURE_DPI = 100  # resolution of the saved figures; frames are drawn pixel for pixel (nearest), never smoothed
 
 
 def grid(videos, gap=2):
@@ -1552,20 +1642,31 @@ def grid(videos, gap=2):
     return out
 
 
-def show_grid(videos, row_labels=None, title=None, col_labels=None, scale=1.0, ax=None):
-    """Plot rows of frames (R, T, H, W, 3) with labelled rows; returns the figure."""
+def _image_axes(image, scale):
+    """A figure whose axes show `image` with `scale` x `scale` figure pixels per image pixel at FIGURE_DPI (an
+    integer keeps pixel art sharp; labels and titles are drawn around it and kept by save_figure's tight box)."""
     import matplotlib.pyplot as plt
-    videos = np.asarray(videos)
-    r, t = videos.shape[:2]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(scale * 1.1 * t + (1.5 if row_labels else 0), scale * 1.1 * r + 0.4))
-    ax.imshow(grid(videos))
-    h, w = videos.shape[2:4]
-    ax.set_yticks([i * (h + 2) + h / 2 for i in range(r)], row_labels or [])
-    ax.set_xticks([j * (w + 2) + w / 2 for j in range(t)], col_labels or [])
+    h, w = image.shape[:2]
+    fig = plt.figure(figsize=(w * scale / FIGURE_DPI, h * scale / FIGURE_DPI), dpi=FIGURE_DPI)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(image, interpolation="nearest")
     ax.tick_params(length=0)
     for s in ax.spines.values():
         s.set_visible(False)
+    return ax
+
+
+def show_grid(videos, row_labels=None, title=None, col_labels=None, scale=1, ax=None):
+    """Plot rows of frames (R, T, H, W, 3) with labelled rows, `scale` figure pixels per frame pixel; returns the
+    figure."""
+    videos = np.asarray(videos)
+    r, t, h, w = videos.shape[:4]
+    if ax is None:
+        ax = _image_axes(grid(videos), scale)
+    else:
+        ax.imshow(grid(videos), interpolation="nearest")
+    ax.set_yticks([i * (h + 2) + h / 2 for i in range(r)], row_labels or [])
+    ax.set_xticks([j * (w + 2) + w / 2 for j in range(t)], col_labels or [])
     if title:
         ax.set_title(title)
     return ax.figure
@@ -1573,7 +1674,6 @@ def show_grid(videos, row_labels=None, title=None, col_labels=None, scale=1.0, a
 
 def gif_bytes(videos, fps=8, scale=2):
     """An animated GIF (bytes) of rows of videos (R, T, H, W, 3) playing side by side."""
-    import io
     videos = np.asarray(videos)
     frames = [Image.fromarray(grid(videos[:, t:t + 1].transpose(1, 0, 2, 3, 4))).resize(
         (scale * (videos.shape[0] * (videos.shape[3] + 2) - 2), scale * videos.shape[2]), Image.NEAREST)
@@ -1583,11 +1683,20 @@ def gif_bytes(videos, fps=8, scale=2):
     return buf.getvalue()
 
 
-def gif_html(videos, fps=8, scale=2):
-    """GIF embedded as an <img> (shows in JupyterLab and in the exported HTML alike)."""
+def _img_html(payload, mime, width, height, alt=""):
+    """An <img> holding the image itself (base64), shown `width` x `height` pixels, pixel for pixel enlarged."""
     import base64
+    return (f'<img src="data:{mime};base64,{base64.b64encode(payload).decode()}" width="{width}" height="{height}" '
+            f'style="image-rendering: pixelated" alt="{alt}"/>')
+
+
+def gif_html(videos, fps=8, scale=2):
+    """GIF embedded as an <img> (shows in JupyterLab and in the exported HTML alike). The GIF keeps the frames'
+    own resolution and the browser enlarges it `scale` times, so the notebook stays small."""
     from IPython.display import HTML
-    return HTML(f'<img src="data:image/gif;base64,{base64.b64encode(gif_bytes(videos, fps, scale)).decode()}"/>')
+    payload = gif_bytes(videos, fps, 1)
+    w, h = Image.open(io.BytesIO(payload)).size
+    return HTML(_img_html(payload, "image/gif", scale * w, scale * h, "animation"))
 
 
 def plot_history(history, title=None):
@@ -1713,29 +1822,41 @@ def plot_study(study):
     return fig
 
 
-@torch.no_grad()
-def reconstruct(model, x):
-    """Decode the posterior means of x."""
-    post = model.encode(x, sample=False)
-    return model.decode(post.f, post.z)
-
-
 def interleave(*videos):
     """Rows a0, b0, ..., a1, b1, ...: each original above its counterparts."""
     return np.stack([v[i] for i in range(len(videos[0])) for v in videos])
 
 
-def save_figure(fig, name, folder):
-    """Save a matplotlib figure as <folder>/<name>.png."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    fig.savefig(Path(folder) / f"{name}.png", dpi=100, bbox_inches="tight")
-    return Path(folder) / f"{name}.png"
+def figure_png(fig, dpi=FIGURE_DPI, colors=256):
+    """PNG bytes of a matplotlib figure, reduced to an adaptive palette of `colors` (a fraction of the RGB size)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    image = Image.open(buf).convert("RGB").quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=True)
+    return out.getvalue()
+
+
+def save_figure(fig, name, folder, dpi=FIGURE_DPI):
+    """Save a matplotlib figure as <folder>/<name>.png (atomically); returns the path."""
+    return atomic_write(Path(folder) / f"{name}.png", figure_png(fig, dpi))
+
+
+def show_figure(fig, name=None, folder=None, dpi=FIGURE_DPI):
+    """Display a figure as the PNG that `save_figure` writes (saved too when `name` and `folder` are given), and
+    close it: the notebook then holds that one compact image, not a second rendering by the inline backend."""
+    import matplotlib.pyplot as plt
+    from IPython.display import Image as ImageDisplay
+    payload = figure_png(fig, dpi)
+    if name is not None:
+        atomic_write(Path(folder) / f"{name}.png", payload)
+    plt.close(fig)
+    return ImageDisplay(data=payload, format="png")
 
 
 def save_gif(videos, name, folder, fps=8, scale=2):
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(Path(folder) / f"{name}.gif", gif_bytes(videos, fps, scale))
-    return Path(folder) / f"{name}.gif"
+    """Save rows of videos as an animated <folder>/<name>.gif (atomically)."""
+    return atomic_write(Path(folder) / f"{name}.gif", gif_bytes(videos, fps, scale))
 
 
 @torch.no_grad()
@@ -1752,27 +1873,24 @@ def swap_grid(model, x_f, x_z):
     return out
 
 
-def show_swap_grid(videos, frames=(0, 2, 4, 6), title=None):
-    """Plot a swap_grid: each cell shows a few frames side by side."""
-    import matplotlib.pyplot as plt
+def show_swap_grid(videos, frames=(0, 2, 4, 6), title=None, scale=1, gap=8):
+    """Plot a swap_grid: each cell shows a few frames side by side, `scale` figure pixels per frame pixel."""
     r, m = videos.shape[:2]
-    fig, axes = plt.subplots(r, m, figsize=(1.0 * len(frames) * m, 1.15 * r))
+    cells = [[grid(videos[i, j][list(frames)][None]) for j in range(m)] for i in range(r)]
+    ch, cw = cells[0][0].shape[:2]
+    image = np.full((r * (ch + gap) - gap, m * (cw + gap) - gap, 3), 255, np.uint8)
     for i in range(r):
         for j in range(m):
-            ax = axes[i, j]
-            ax.imshow(grid(videos[i, j][list(frames)][None]))
-            ax.set_xticks([]), ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-    axes[0, 0].text(0.5, 0.5, "f from row,\nz from column", ha="center", va="center", transform=axes[0, 0].transAxes)
-    for j in range(1, m):
-        axes[0, j].set_title(f"z source {j}", fontsize=9)
-    for i in range(1, r):
-        axes[i, 0].set_ylabel(f"f source {i}", fontsize=9)
+            image[i * (ch + gap):i * (ch + gap) + ch, j * (cw + gap):j * (cw + gap) + cw] = cells[i][j]
+    image[:ch, :cw] = 255  # the blank corner
+    ax = _image_axes(image, scale)
+    ax.set_xticks([j * (cw + gap) + cw / 2 for j in range(m)], [""] + [f"z source {j}" for j in range(1, m)])
+    ax.set_yticks([i * (ch + gap) + ch / 2 for i in range(r)], [""] + [f"f source {i}" for i in range(1, r)])
+    ax.xaxis.tick_top()
+    ax.text(cw / 2, ch / 2, "f from row,\nz from column", ha="center", va="center", fontsize=9)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+        ax.set_title(title, pad=20)
+    return ax.figure
 
 
 @torch.no_grad()
@@ -1856,11 +1974,29 @@ def latent_walk(model, x, part="f", direction=0, offsets=(-3, -1.5, 0, 1.5, 3), 
 # ----------------------------------------------------------------------------- interactive views (ipywidgets)
 def _png(videos, scale=2):
     """PNG bytes of a frame grid (R, T, H, W, 3), enlarged `scale` times."""
-    import io
     image = Image.fromarray(grid(videos))
     buf = io.BytesIO()
     image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _with_still(box, caption, still):
+    """Let a view also carry a still of the state it is displayed in, as text/html: the caption and
+    `still()`, an <img>. A live JupyterLab renders the widget itself (it ranks the widget view first); the
+    exported HTML and a notebook opened without a kernel, which cannot, show the still."""
+    widget_bundle = box._repr_mimebundle_
+
+    def bundle(**kwargs):
+        data = widget_bundle(**kwargs) or {}
+        return {**data, "text/html": f'<div class="dsvae-still"><p>{caption.value}</p>{still()}</div>'}
+    box._repr_mimebundle_ = bundle
+    return box
+
+
+def _still_png(videos, scale):
+    """A frame grid as an <img> at its own resolution, shown `scale` times enlarged."""
+    h, w = grid(videos).shape[:2]
+    return _img_html(_png(videos, 1), "image/png", scale * w, scale * h, "initial state of the view")
 
 
 def _label_pickers(prefix=""):
@@ -1878,16 +2014,23 @@ def sprite_browser(sheets=None):
     image, caption = w.Image(format="gif"), w.HTML()
     train_characters = set(split_characters()["train"].tolist())
 
+    shown = {}
+
     def update(_=None):
         v = {k: p.value for k, p in pickers.items()}
-        c = 216 * v["skin"] + 36 * v["pants"] + 6 * v["top"] + v["hair"]
-        m = 3 * v["action"] + v["direction"]
-        image.value = gif_bytes(render_character(c, sheets)[m][None], scale=3)
+        c = encode_character(v["skin"], v["pants"], v["top"], v["hair"])
+        m = motion_index(v["action"], v["direction"])
+        shown["video"] = render_character(c, sheets)[m][None]
+        image.value = gif_bytes(shown["video"], scale=3)
         caption.value = f"character {c} ({'train' if c in train_characters else 'test'} split), {MOTIONS[m]}"
+
+    def still():
+        return _img_html(gif_bytes(shown["video"], scale=1), "image/gif", 3 * CELL, 3 * CELL, "initial sprite")
     for p in pickers.values():
         p.observe(update, "value")
     update()
-    return w.VBox([w.HBox(list(pickers.values())[:3]), w.HBox(list(pickers.values())[3:]), caption, image])
+    box = w.VBox([w.HBox(list(pickers.values())[:3]), w.HBox(list(pickers.values())[3:]), caption, image])
+    return _with_still(box, caption, still)
 
 
 def explorer(model, data: Sprites):
@@ -1903,10 +2046,13 @@ def explorer(model, data: Sprites):
         return f"#{i}: {MOTIONS[data.motion[i]]}, " + ", ".join(
             f"{name} {v}" for name, v in zip(ATTRIBUTES, data.attributes[i]))
 
+    shown = {}
+
     def update(_=None):
         xa, xb = (to_model_input(data.frames[[i.value]], model.device) for i in (a, b))
-        rows = [xa, xb, reconstruct(model, xa), reconstruct(model, xb), model.swap(xa, xb), model.swap(xb, xa)]
-        image.value = _png(np.concatenate([to_uint8(r) for r in rows]))
+        rows = [xa, xb, model.reconstruct(xa), model.reconstruct(xb), model.swap(xa, xb), model.swap(xb, xa)]
+        shown["videos"] = np.concatenate([to_uint8(r) for r in rows])
+        image.value = _png(shown["videos"])
         caption.value = (f"rows: a = {describe(a.value)}; b = {describe(b.value)}; recon a; recon b; "
                          f"f of a with z of b; f of b with z of a")
 
@@ -1919,8 +2065,9 @@ def explorer(model, data: Sprites):
     b.observe(update, "value")
     go.on_click(find)
     update()
-    return w.VBox([w.HBox([a, b]), w.HBox(list(pickers.values())[:3]), w.HBox(list(pickers.values())[3:]),
-                   w.HBox([target, go]), caption, image])
+    box = w.VBox([w.HBox([a, b]), w.HBox(list(pickers.values())[:3]), w.HBox(list(pickers.values())[3:]),
+                  w.HBox([target, go]), caption, image])
+    return _with_still(box, caption, lambda: _still_png(shown["videos"], 2))
 
 
 def latent_walker(model, data: Sprites):
@@ -1934,16 +2081,197 @@ def latent_walker(model, data: Sprites):
     scale = w.FloatSlider(3.0, min=0.5, max=6.0, description="range ±")
     image, caption = w.Image(format="png"), w.HTML()
 
+    shown = {}
+
     def update(_=None):
         dim.max = (c.f_dim if part.value == "f" else c.z_dim) - 1
         offsets = np.linspace(-scale.value, scale.value, 7)
         x = to_model_input(data.frames[[index.value]], model.device)
-        image.value = _png(latent_walk(model, x, part.value, dim.value, offsets, t=step.value))
+        shown["videos"] = latent_walk(model, x, part.value, dim.value, offsets, t=step.value)
+        image.value = _png(shown["videos"])
         caption.value = f"rows: {part.value}[{dim.value}] moved by " + ", ".join(f"{o:+.1f}" for o in offsets)
     for control in (index, part, dim, step, scale):
         control.observe(update, "value")
     update()
-    return w.VBox([w.HBox([index, part]), w.HBox([dim, step, scale]), caption, image])
+    box = w.VBox([w.HBox([index, part]), w.HBox([dim, step, scale]), caption, image])
+    return _with_still(box, caption, lambda: _still_png(shown["videos"], 2))
+
+
+# ----------------------------------------------------------------------------- the report
+NOTEBOOKS = ROOT / "notebooks"
+REPORTS = ROOT / "reports"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+KEY_FIGURES = ("swap_grid", "fixed_f_sampled_z", "fixed_z_sampled_f", "latent_spaces", "confusion_matrices",
+               "learning_curves")
+
+
+class ReportError(RuntimeError):
+    """A notebook of the report failed; nothing of the repository was changed."""
+
+
+def clean_notebook(nb):
+    """A notebook as the repository keeps it: the outputs stay; what changes on every run without the results
+    changing goes. Dropped: papermill's injected-parameters cell, per-cell execution metadata (timestamps,
+    papermill's status), the notebook's papermill metadata and saved widget state, and widget views (progress
+    bars; the views of this module carry a still of their state beside, which stays). Returns a new dict."""
+    nb = json.loads(json.dumps(nb))
+    for key in ("papermill", "widgets"):
+        nb["metadata"].pop(key, None)
+    cells = []
+    for cell in nb["cells"]:
+        meta = cell.get("metadata", {})
+        if "injected-parameters" in meta.get("tags", []):
+            continue
+        for key in ("papermill", "execution", "ExecuteTime"):
+            meta.pop(key, None)
+        if meta.get("tags") == []:
+            meta.pop("tags")
+        outputs = []
+        for output in cell.get("outputs", []):
+            data = output.get("data")
+            if data and WIDGET_VIEW in data:
+                data.pop(WIDGET_VIEW)
+                if set(data) <= {"text/plain"}:  # a bare widget: its text is a repr or a progress line
+                    continue
+            outputs.append(output)
+        if cell["cell_type"] == "code":
+            cell["outputs"] = outputs
+        cells.append(cell)
+    nb["cells"] = cells
+    return nb
+
+
+def write_notebook(nb, path):
+    """Write a notebook dict as nbformat writes it (sorted keys, one-space indent), atomically."""
+    import nbformat
+    return atomic_write(path, nbformat.writes(nbformat.from_dict(nb)) + "\n")
+
+
+def _metrics_tables(metrics):
+    """Headline tables of a metrics.json: the judge protocol beside the published row, then the other metrics."""
+    import pandas as pd
+    summaries = {f"ours ({metrics['profile']}, q {q}, {run['epochs']} epochs)": pd.DataFrame(run["summary"]).T
+                 for q, run in metrics["runs"].items()}
+    rest = {}
+    for name, s in summaries.items():
+        rest[name] = {**{f"f kept: {a} accuracy %": f"{100 * s.loc[f'f kept: {a}', 'mean']:.1f} ± "
+                         f"{100 * s.loc[f'f kept: {a}', 'std']:.1f}" for a in ATTRIBUTES},
+                      "swap: attributes of a %": f"{100 * s.loc['swap: attributes of a', 'mean']:.1f}",
+                      "swap: motion of b %": f"{100 * s.loc['swap: motion of b', 'mean']:.1f}",
+                      "reconstruction PSNR dB": f"{s.loc['recon PSNR', 'mean']:.2f}"}
+    return judge_protocol_table(summaries), pd.DataFrame(rest)
+
+
+def write_index(folder, profile, chapters):
+    """reports/index.html: the headline results (from figures/metrics.json of the run), the key figures and links
+    to the chapters, each with and without its code."""
+    import html
+    folder = Path(folder)
+    metrics_path = folder / "figures" / "metrics.json"
+    parts = [f"<h1>Disentangled Sequential Autoencoder on Sprites: report (profile <code>{profile}</code>)</h1>",
+             "<p>Li &amp; Mandt, ICML 2018, reproduced on the real Sprites data. Chapters:</p><ol>"]
+    for name in chapters:
+        stem = Path(name).stem
+        parts.append(f'<li><a href="{stem}.html">{html.escape(stem)}</a> '
+                     f'(<a href="no-input/{stem}.html">without code</a>)</li>')
+    parts.append("</ol>")
+    if metrics_path.is_file():
+        metrics = json.loads(metrics_path.read_text())
+        judge, rest = _metrics_tables(metrics)
+        accuracy = ", ".join(f"{h} {100 * v:.1f} %" for h, v in metrics["judge"]["test accuracy"].items())
+        parts += ["<h2>Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE)</h2>",
+                  judge.to_html(), "<h2>Content kept, swaps and reconstruction</h2>", rest.to_html(),
+                  f"<p>{metrics['test sequences']} test sequences, sampling seeds {metrics['seeds']}; the judge reads "
+                  f"the real test split with accuracy {accuracy}.</p>"]
+    else:
+        parts.append("<p>No metrics.json was written by this run.</p>")
+    for name in KEY_FIGURES:
+        if (folder / "figures" / f"{name}.png").is_file():
+            parts.append(f'<h3>{name.replace("_", " ")}</h3><img src="figures/{name}.png" style="max-width: 100%"/>')
+    style = "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}" \
+            "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    page = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>dsvae-repro report ({profile})</title>'
+            f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>\n")
+    return atomic_write(folder / "index.html", page)
+
+
+def _export_html(notebook, folder):
+    """<folder>/<name>.html and <folder>/no-input/<name>.html of an executed notebook."""
+    from nbconvert import HTMLExporter
+    import nbformat
+    nb = nbformat.read(notebook, as_version=4)
+    for sub, exporter in (("", HTMLExporter()), ("no-input", HTMLExporter(exclude_input=True))):
+        body, _ = exporter.from_notebook_node(nb)
+        atomic_write(Path(folder) / sub / f"{Path(notebook).stem}.html", body)
+
+
+def run_report(profile=None, record=False, notebooks=None, out=None, progress=True):
+    """Run the notebooks with papermill and publish them into `out` (reports/): executed and cleaned notebooks,
+    HTML with and without code, figures/ and index.html.
+
+    Everything runs in a staging folder first; the figures go there too ($DSVAE_FIGURES). Only when every notebook
+    succeeded is the report moved into `out`; the cleaned notebooks and the figures are then copied back into the
+    repository when the profile is one of record (not smoke) or `record` is set. A failed notebook raises
+    ReportError naming it, leaves the repository and the last report as they were, and keeps its partial output
+    in <out>/failed/.
+    """
+    import papermill as pm
+    profile = default_profile(profile)  # an unknown profile fails here, before anything runs
+    notebooks = sorted(NOTEBOOKS.glob("0*.ipynb")) if notebooks is None else [Path(n) for n in notebooks]
+    out = Path(out or REPORTS)
+    out.mkdir(parents=True, exist_ok=True)
+    build_cache()
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".run-"))
+    previous = os.environ.get("DSVAE_FIGURES")
+    os.environ["DSVAE_FIGURES"] = str(stage / "figures")
+    try:
+        for i, nb in enumerate(notebooks):
+            print(f"[{i + 1}/{len(notebooks)}] {nb.name} (profile {profile})", flush=True)
+            try:
+                pm.execute_notebook(str(nb), str(stage / nb.name), parameters={"profile": profile},
+                                    cwd=str(nb.parent), progress_bar=progress)
+            except Exception as e:
+                failed = out / "failed"
+                shutil.rmtree(failed, ignore_errors=True)
+                failed.mkdir()
+                if (stage / nb.name).is_file():
+                    shutil.move(stage / nb.name, failed / nb.name)
+                raise ReportError(
+                    f"notebook {nb.name} failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                    f"its output up to the failing cell is in {failed / nb.name}. The repository and the last report "
+                    f"in {out} are unchanged.") from e
+        for nb in notebooks:
+            path = stage / nb.name
+            write_notebook(clean_notebook(json.loads(path.read_text())), path)
+            _export_html(path, stage)
+        write_index(stage, profile, [nb.name for nb in notebooks])
+        for item in stage.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+        shutil.rmtree(out / "failed", ignore_errors=True)
+    finally:
+        if previous is None:
+            os.environ.pop("DSVAE_FIGURES", None)
+        else:
+            os.environ["DSVAE_FIGURES"] = previous
+        shutil.rmtree(stage, ignore_errors=True)
+    print(f"report written to {out}/index.html (profile {profile})")
+    if not (record or get_profile(profile).of_record):
+        print(f"notebooks/ and figures/ left as they are: {profile!r} is not a profile of record "
+              f"(RECORD=1 / --record copies its report back anyway)")
+        return out
+    for nb in notebooks:
+        shutil.copyfile(out / nb.name, nb)
+    figures = out / "figures"
+    if figures.is_dir():
+        dest = ROOT / get_profile(profile).figures
+        for f in sorted(figures.iterdir()):
+            atomic_write(dest / f.name, f.read_bytes())
+    print(f"copied back: {len(notebooks)} notebooks into {notebooks[0].parent if notebooks else NOTEBOOKS}"
+          + (f", figures into {ROOT / get_profile(profile).figures}" if figures.is_dir() else ""))
+    return out
 
 
 # ----------------------------------------------------------------------------- command line
@@ -1952,25 +2280,33 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="DSAE on Sprites (Li & Mandt 2018)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train (or resume) a profile")
-    p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
+    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $DSVAE_PROFILE, else gpu with CUDA, else cpu")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override config fields, e.g. --set q_z=full epochs=10")
     p.add_argument("--change-lr", action="store_true", help="resume a run with the lr given by --set lr=...")
     d = sub.add_parser("data", help="build (or check) the data cache")
     d.add_argument("--verify", action="store_true", help="also check every byte against the manifest's checksums")
+    help_profile = "default: $DSVAE_PROFILE, else gpu with CUDA, else cpu"
     p = sub.add_parser("export", help="write the weights of record weights/<profile>-<q_z>.pt from a finished run")
-    p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
+    p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     p.add_argument("--q-z", default="factorised", choices=("factorised", "full"))
-    p = sub.add_parser("readme", help="rewrite the README's results section from figures/metrics.json")
-    p.add_argument("--profile", default=default_profile(), choices=sorted(PROFILES))
+    p = sub.add_parser("readme", help="rewrite the README's results section from the profile's metrics.json")
+    p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
+    r = sub.add_parser("report", help="run the notebooks into reports/ (HTML, index.html); copy back when of record")
+    r.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
+    r.add_argument("--record", action="store_true", help="copy notebooks and figures back even for smoke")
     args = parser.parse_args(argv)
     try:
-        _command(parser, args)
+        profile = default_profile(getattr(args, "profile", None))
+    except ValueError as e:  # $DSVAE_PROFILE names no profile
+        parser.error(str(e))
+    try:
+        _command(parser, args, profile)
     except (SheetError, CacheError, CheckpointError, RunInUseError, FloatingPointError, ValueError) as e:
         parser.exit(1, f"error: {e}\n")
 
 
-def _command(parser, args):
+def _command(parser, args, profile):
     if args.command == "data":
         folder = build_cache()
         if args.verify:
@@ -1978,18 +2314,24 @@ def _command(parser, args):
         print(folder)
         return
     if args.command == "readme":
-        print(update_readme(figures_dir(args.profile) / "metrics.json"))
+        print(update_readme(figures_dir(profile) / "metrics.json"))
         return
     if args.command == "export":
-        config = make_config(args.profile, q_z=args.q_z)
+        config = make_config(profile, q_z=args.q_z)
         ckpt = config.path / "checkpoint.pt"
         if not ckpt.is_file():
-            parser.error(f"no run at {ckpt}; train it first: python dsvae_lib.py train --profile {args.profile} "
+            parser.error(f"no run at {ckpt}; train it first: python dsvae_lib.py train --profile {profile} "
                          f"--set q_z={args.q_z}")
         epoch = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
         if epoch < config.epochs:
             parser.error(f"{ckpt} holds {epoch} of {config.epochs} epochs; finish training before exporting it")
-        print(export_weights(ckpt, weights_path(args.profile, args.q_z)))
+        print(export_weights(ckpt, weights_path(profile, args.q_z)))
+        return
+    if args.command == "report":
+        try:
+            run_report(profile, record=args.record)
+        except ReportError as e:
+            raise SystemExit(f"report failed: {e}")
         return
     overrides = {}
     for item in args.set:
@@ -1999,7 +2341,7 @@ def _command(parser, args):
         except json.JSONDecodeError:
             overrides[key] = value
     try:
-        config = make_config(args.profile, **overrides)
+        config = make_config(profile, **overrides)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     _, history = train(config, change_lr=args.change_lr)

@@ -1,15 +1,13 @@
 """Shared fixtures: the real LPC sheets and one Sprites cache built once per test session in a temp folder."""
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import dsvae_lib  # installed editable by `make venv` (pip install -e .)
 
-import dsvae_lib  # noqa: E402
+ROOT = dsvae_lib.ROOT
 
 # The real sheets: $DSVAE_SHEETS if set when the tests start, else the workplace's shared copy.
 SHEETS = Path(os.environ.get("DSVAE_SHEETS") or ROOT.parent / "shared" / "sprites-lpc")

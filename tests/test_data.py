@@ -368,3 +368,22 @@ def test_batches_shuffled_cover_same_sequences(test_split):
     assert torch.cat([idx for idx, _ in again]).tolist() == order.tolist()
     again.epoch = 1
     assert torch.cat([idx for idx, _ in again]).tolist() != order.tolist()
+
+
+def test_character_and_motion_encodings_invert_each_other():
+    c = np.arange(dsvae_lib.N_CHARACTERS)
+    assert (dsvae_lib.encode_character(*dsvae_lib.decode_character(c).T) == c).all()
+    assert dsvae_lib.encode_character(5, 0, 0, 0) == 5 * 216 and dsvae_lib.encode_character(0, 0, 0, 5) == 5
+    m = np.arange(dsvae_lib.N_MOTIONS)
+    action, direction = dsvae_lib.decode_motion(m)
+    assert (dsvae_lib.motion_index(action, direction) == m).all()
+    assert dsvae_lib.MOTIONS[dsvae_lib.motion_index(2, 1)] == "slash-left"
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = dsvae_lib.atomic_write(tmp_path / "sub" / "a.bin", b"old")
+    with pytest.raises(RuntimeError):
+        dsvae_lib.atomic_write(path, lambda f: (f.write(b"half"), (_ for _ in ()).throw(RuntimeError("disk full"))))
+    assert path.read_bytes() == b"old" and sorted(p.name for p in path.parent.iterdir()) == ["a.bin"]
+    dsvae_lib.atomic_write(path, "new text")
+    assert path.read_text() == "new text"

@@ -91,3 +91,15 @@ def test_evaluate_is_deterministic_and_complete(judge):
     assert np.trace(confusions["motion"]) / 45 == pytest.approx(rows[0]["z kept: motion"])  # first seed's counts
     summary = dsae.summarise(rows)
     assert summary.loc["z kept: IS", "mean"] == pytest.approx(np.mean([r["z kept: IS"] for r in rows]))
+
+
+def test_judge_trains_on_the_data_it_is_given(train, test_split, monkeypatch, tmp_path):
+    """Data passed in is what the judge uses: nothing is loaded, and without a cache key nothing is saved."""
+    monkeypatch.setattr(dsae, "load_sprites", lambda *a, **k: pytest.fail("train_judge loaded data itself"))
+    small = dsae.Sprites(train.frames[:90], train.character[:90], train.attributes[:90], train.action[:90],
+                         train.direction[:90])
+    config = dsae.JudgeConfig(width=4, epochs=1, train_limit=90, test_limit=18)
+    judge, accuracy = dsae.train_judge(config, small, test_split, progress=False)
+    assert set(accuracy) == set(dsae.HEADS) and not list((dsae.ROOT / "runs").glob("judge-None*"))
+    dsae.train_judge(config, small, test_split, path=tmp_path / "j.pt", progress=False)
+    assert (tmp_path / "j.pt").is_file()

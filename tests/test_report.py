@@ -1,0 +1,221 @@
+"""The report contract: notebook parameters, profile precedence, clean committed notebooks, `make report`."""
+import json
+import shutil
+
+import nbformat
+import papermill as pm
+import pytest
+import torch
+
+import dsvae_lib as dsae
+
+NOTEBOOKS = sorted(dsae.NOTEBOOKS.glob("0*.ipynb"))
+
+
+def _tags(cell):
+    return cell.get("metadata", {}).get("tags", [])
+
+
+# ----------------------------------------------------------------------------- parameters and profiles
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_has_one_parameters_cell_first_and_is_clean(path):
+    """One `parameters` cell, the first code cell, with `profile = None` (so $DSVAE_PROFILE applies); no injected
+    cell, no papermill metadata, no saved widget state, no sys.path hack (the module is installed)."""
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    params = [c for c in code if "parameters" in _tags(c)]
+    assert len(params) == 1 and params[0] is code[0], "exactly one parameters cell, first among code cells"
+    assert "profile = None" in "".join(params[0]["source"])
+    assert not [c for c in nb["cells"] if "injected-parameters" in _tags(c)]
+    assert "papermill" not in nb["metadata"] and "widgets" not in nb["metadata"]
+    for cell in nb["cells"]:
+        assert not {"papermill", "execution"} & set(cell.get("metadata", {})), cell.get("id")
+        assert "sys.path" not in "".join(cell["source"])
+        for output in cell.get("outputs", []):
+            assert dsae.WIDGET_VIEW not in output.get("data", {})
+    assert path.stat().st_size <= 1.5 * 2 ** 20, f"{path.name} is {path.stat().st_size / 2 ** 20:.2f} MB"
+
+
+def test_profile_precedence(monkeypatch):
+    """Explicit parameter, then $DSVAE_PROFILE, then auto-detection; unknown names are rejected from either."""
+    monkeypatch.setenv("DSVAE_PROFILE", "smoke")
+    assert dsae.default_profile("cpu") == "cpu"
+    assert dsae.default_profile(None) == "smoke"
+    monkeypatch.delenv("DSVAE_PROFILE")
+    assert dsae.default_profile(None) == ("gpu" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown profile 'bogus'; choose one of"):
+        dsae.default_profile("bogus")
+    monkeypatch.setenv("DSVAE_PROFILE", "bogus")
+    with pytest.raises(ValueError, match="unknown profile 'bogus'"):
+        dsae.default_profile(None)
+
+
+def test_cli_rejects_an_unknown_profile_before_running(monkeypatch):
+    monkeypatch.setattr(dsae, "run_report", lambda *a, **k: pytest.fail("the report ran"))
+    monkeypatch.setattr(dsae, "build_cache", lambda *a, **k: pytest.fail("the data was built"))
+    with pytest.raises(SystemExit) as e:
+        dsae.main(["report", "--profile", "bogus"])
+    assert e.value.code == 2
+    monkeypatch.setenv("DSVAE_PROFILE", "bogus")
+    with pytest.raises(SystemExit) as e:
+        dsae.main(["report"])
+    assert e.value.code == 2
+
+
+def test_overrides_from_a_dict_or_a_json_string():
+    assert dsae.parse_overrides({"epochs": 1}) == {"epochs": 1}
+    assert dsae.parse_overrides('{"epochs": 1, "q_z": "full"}') == {"epochs": 1, "q_z": "full"}
+    assert dsae.parse_overrides("") == {} and dsae.parse_overrides(None) == {}
+    with pytest.raises(ValueError, match="JSON object"):
+        dsae.parse_overrides("epochs=1")
+    with pytest.raises(ValueError, match="dict or a JSON object"):
+        dsae.parse_overrides("[1]")
+
+
+def test_profile_record_holds_config_judge_limit_and_figures(monkeypatch):
+    smoke = dsae.get_profile("smoke")
+    assert dsae.make_config("smoke").train_limit == smoke.config["train_limit"]
+    assert dsae.judge_config("smoke").test_limit == smoke.test_limit == 270
+    assert dsae.judge_config("smoke").width == smoke.judge["width"]
+    assert dsae.judge_config("cpu").test_limit is None and dsae.get_profile("cpu").of_record
+    assert not smoke.of_record
+    monkeypatch.delenv("DSVAE_FIGURES", raising=False)
+    assert dsae.figures_dir("smoke") == dsae.ROOT / "runs" / "smoke-figures"
+    assert dsae.figures_dir("cpu") == dsae.ROOT / "figures"
+    monkeypatch.setenv("DSVAE_FIGURES", "/somewhere/else")
+    assert str(dsae.figures_dir("cpu")) == "/somewhere/else"
+
+
+# ----------------------------------------------------------------------------- cleaning
+def _executed(stamp, model_id):
+    """A notebook as papermill leaves it; `stamp` and `model_id` stand for what differs between two runs."""
+    meta = {"papermill": {"start_time": stamp, "status": "completed"}, "execution": {"iopub.status.busy": stamp},
+            "tags": []}
+    return {"nbformat": 4, "nbformat_minor": 5,
+            "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                         "papermill": {"parameters": {"profile": "smoke"}, "start_time": stamp},
+                         "widgets": {"application/vnd.jupyter.widget-state+json": {"state": {model_id: {}}}}},
+            "cells": [
+                {"id": "p", "cell_type": "code", "metadata": {**meta, "tags": ["parameters"]}, "execution_count": 1,
+                 "outputs": [], "source": "profile = None"},
+                {"id": "i", "cell_type": "code", "metadata": {**meta, "tags": ["injected-parameters"]},
+                 "execution_count": 2, "outputs": [], "source": '# Parameters\nprofile = "smoke"\n'},
+                {"id": "c", "cell_type": "code", "metadata": dict(meta), "execution_count": 3, "source": "run()",
+                 "outputs": [
+                     {"output_type": "stream", "name": "stdout", "text": "epoch 1: loss 3\n"},
+                     {"output_type": "display_data", "metadata": {},  # a progress bar
+                      "data": {dsae.WIDGET_VIEW: {"model_id": model_id, "version_major": 2, "version_minor": 0},
+                               "text/plain": f"epoch 1/2: 100%| 8/8 [{stamp}]"}},
+                     {"output_type": "execute_result", "execution_count": 3, "metadata": {},  # a view with a still
+                      "data": {dsae.WIDGET_VIEW: {"model_id": model_id, "version_major": 2, "version_minor": 0},
+                               "text/plain": "VBox()", "text/html": "<img src='data:image/png;base64,AAAA'/>"}},
+                     {"output_type": "display_data", "metadata": {}, "data": {"image/png": "iVBORw0KGgo="}}]},
+                {"id": "m", "cell_type": "markdown", "metadata": {"papermill": {"duration": 0.1}}, "source": "# A"}]}
+
+
+def test_clean_notebook_keeps_outputs_and_drops_run_noise():
+    nb = dsae.clean_notebook(_executed("2026-01-01T00:00:00", "aaaa"))
+    assert [c["id"] for c in nb["cells"]] == ["p", "c", "m"]
+    assert set(nb["metadata"]) == {"kernelspec"}
+    assert nb["cells"][0]["metadata"] == {"tags": ["parameters"]}
+    assert all(c["metadata"] == {} for c in nb["cells"][1:])
+    outputs = nb["cells"][1]["outputs"]
+    assert [o["output_type"] for o in outputs] == ["stream", "execute_result", "display_data"]
+    assert set(outputs[1]["data"]) == {"text/plain", "text/html"}  # the still stays, the dead view goes
+    assert dsae.clean_notebook(nb) == nb
+
+
+def test_rerun_with_unchanged_results_writes_identical_notebooks(tmp_path):
+    first = dsae.write_notebook(dsae.clean_notebook(_executed("2026-01-01T00:00:00", "aaaa")), tmp_path / "a.ipynb")
+    second = dsae.write_notebook(dsae.clean_notebook(_executed("2026-02-02T11:11:11", "bbbb")), tmp_path / "b.ipynb")
+    assert first.read_text() == second.read_text()
+    nbformat.validate(nbformat.read(first, as_version=4))
+
+
+# ----------------------------------------------------------------------------- the views carry a still
+def test_views_carry_a_still_of_their_state(test_split):
+    browser = dsae.sprite_browser()
+    bundle = browser._repr_mimebundle_()
+    assert dsae.WIDGET_VIEW in bundle and 'src="data:image/gif;base64,' in bundle["text/html"]
+    assert "character 0 (" in bundle["text/html"]
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke")).eval()
+    for view in (dsae.explorer(model, test_split), dsae.latent_walker(model, test_split)):
+        html = view._repr_mimebundle_()["text/html"]
+        assert 'src="data:image/png;base64,' in html and "rows:" in html
+
+
+# ----------------------------------------------------------------------------- papermill parameters
+@pytest.fixture
+def smoke_full_run(monkeypatch, tmp_path):
+    """runs/smoke-full removed before and after; figures and metrics.json staged in a temp folder; $DSVAE_PROFILE
+    names another profile, so only the explicit parameter can select smoke."""
+    run = dsae.make_config("smoke", q_z="full").path
+    shutil.rmtree(run, ignore_errors=True)
+    monkeypatch.setenv("DSVAE_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("DSVAE_PROFILE", "cpu")
+    yield run
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def _stdout(nb_path):
+    nb = json.loads(nb_path.read_text())
+    return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
+
+
+def test_papermill_parameters_reach_the_run(smoke_full_run, tmp_path):
+    """03 with q_z=full and overrides as papermill's -p gives them (a JSON string) trains smoke-full for 1 epoch;
+    04 takes seeds; 05 with q_z=full shows that run."""
+    run = smoke_full_run
+    nb = dsae.NOTEBOOKS
+    pm.execute_notebook(nb / "03_training.ipynb", tmp_path / "03.ipynb", cwd=nb, progress_bar=False,
+                        parameters={"profile": "smoke", "q_z": "full", "overrides": '{"epochs": 1}'})
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["config"]["q_z"] == "full" and ckpt["config"]["profile"] == "smoke"
+    assert "run folder: runs/smoke-full" in _stdout(tmp_path / "03.ipynb")
+    pm.execute_notebook(nb / "04_evaluation.ipynb", tmp_path / "04.ipynb", cwd=nb, progress_bar=False,
+                        parameters={"profile": "smoke", "seeds": [7]})
+    metrics = json.loads((tmp_path / "figures" / "metrics.json").read_text())
+    assert metrics["seeds"] == [7] and metrics["runs"]["full"]["epochs"] == 1
+    pm.execute_notebook(nb / "05_disentanglement_figures.ipynb", tmp_path / "05.ipynb", cwd=nb, progress_bar=False,
+                        parameters={"profile": "smoke", "q_z": "full"})
+    assert "profile smoke, q(z) full, 1 epochs" in _stdout(tmp_path / "05.ipynb")
+    assert (tmp_path / "figures" / "swap_grid.png").is_file()
+
+
+# ----------------------------------------------------------------------------- make report
+def _notebook(path, code):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("profile = None", metadata={"tags": ["parameters"]}),
+                                         nbformat.v4.new_code_cell(code)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_report_failure_changes_nothing_and_names_the_notebook(tmp_path):
+    good = _notebook(tmp_path / "01_good.ipynb", "print('profile', profile)")
+    bad = _notebook(tmp_path / "02_bad.ipynb", "raise RuntimeError('broken on purpose')")
+    before = {p: p.read_bytes() for p in (good, bad)}
+    out = tmp_path / "reports"
+    with pytest.raises(dsae.ReportError, match=r"notebook 02_bad.ipynb failed \(PapermillExecutionError.*failed"):
+        dsae.run_report("smoke", record=True, notebooks=[good, bad], out=out, progress=False)
+    assert {p: p.read_bytes() for p in (good, bad)} == before
+    assert sorted(p.name for p in out.iterdir()) == ["failed"]  # no half report, no staging folder left
+    assert "broken on purpose" in (out / "failed" / "02_bad.ipynb").read_text()
+
+
+def test_report_copies_back_only_when_of_record_or_asked(tmp_path):
+    nb = _notebook(tmp_path / "01_good.ipynb", "print('profile', profile)")
+    before = nb.read_bytes()
+    out = tmp_path / "reports"
+    dsae.run_report("smoke", notebooks=[nb], out=out, progress=False)
+    assert nb.read_bytes() == before  # smoke is not a profile of record
+    assert {"01_good.ipynb", "01_good.html", "index.html", "no-input"} <= {p.name for p in out.iterdir()}
+    assert "profile smoke" in (out / "01_good.ipynb").read_text()
+    index = (out / "index.html").read_text()
+    assert 'href="01_good.html"' in index and 'href="no-input/01_good.html"' in index
+    dsae.run_report("smoke", record=True, notebooks=[nb], out=out, progress=False)
+    cleaned = json.loads(nb.read_text())
+    assert len(cleaned["cells"]) == 2 and "papermill" not in cleaned["metadata"]  # no injected cell, no metadata
+    assert "profile smoke" in "".join(cleaned["cells"][1]["outputs"][0]["text"])
