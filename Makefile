@@ -1,6 +1,8 @@
 # make report : set up .venv if missing, run notebooks 01-05 with papermill into reports/ (HTML, reports/index.html);
 #               copies the cleaned notebooks and the figures back only when all succeeded and the profile is one of
 #               record (not smoke), or with RECORD=1. A failed run leaves the repository as it was.
+# make reproduce : train both q variants from scratch under runs/ (resuming if cut short), then the same report on
+#                  them instead of the committed weights; copied back only with RECORD=1 (weights/ is never touched)
 # make test   : same set-up, then every test (unit tests, papermill and browser tests, nbval over the notebooks
 #               under the smoke profile)
 # PROFILE=smoke|cpu|gpu|paper picks the report's profile; default: $DSVAE_PROFILE, else gpu with CUDA, else cpu.
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 PROFILE ?=
 RECORD ?=
 
-.PHONY: report test data venv clean
+.PHONY: report reproduce test data venv clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -26,6 +28,11 @@ data: venv
 
 report: venv
 	$(VENV)/bin/dsvae report $(if $(PROFILE),--profile $(PROFILE)) $(if $(filter 1 yes true,$(RECORD)),--record)
+
+reproduce: venv data  # train both q variants from scratch (or resume them) under runs/, then report on them
+	$(VENV)/bin/dsvae train $(if $(PROFILE),--profile $(PROFILE)) --set q_z=factorised
+	$(VENV)/bin/dsvae train $(if $(PROFILE),--profile $(PROFILE)) --set q_z=full
+	$(VENV)/bin/dsvae report $(if $(PROFILE),--profile $(PROFILE)) --no-weights $(if $(filter 1 yes true,$(RECORD)),--record)
 
 test: venv data
 	rm -rf runs/smoke-*  # the notebooks' smoke runs are retrained from scratch on every test run

@@ -1577,6 +1577,16 @@ def trained_runs(profile, weights=True, folder=None):
     return found
 
 
+def model_of_record(profile, q_z, weights=True, device=None):
+    """(model, checkpoint dict, path) of `trained_runs(profile, weights)[q_z]`; an error naming the fix if none."""
+    path = trained_runs(profile, weights).get(q_z)
+    if path is None:
+        raise FileNotFoundError(f"no weights file or run of profile {profile!r} with q_z={q_z!r}; train it with "
+                                f"notebook 03 or `python dsvae_lib.py train --profile {profile} --set q_z={q_z}`")
+    model, ckpt = load_checkpoint(path, pick_device() if device is None else device)
+    return model, ckpt, path
+
+
 def figures_dir(profile):
     """Where a profile's figures and metrics.json go: $DSVAE_FIGURES if set (a report run stages them there),
     else the profile record's folder (figures/; runs/smoke-figures/ for smoke, so CI never touches figures/)."""
@@ -2205,9 +2215,11 @@ def _export_html(notebook, folder):
         atomic_write(Path(folder) / sub / f"{Path(notebook).stem}.html", body)
 
 
-def run_report(profile=None, record=False, notebooks=None, out=None, progress=True):
+def run_report(profile=None, record=False, notebooks=None, out=None, progress=True, weights=True):
     """Run the notebooks with papermill and publish them into `out` (reports/): executed and cleaned notebooks,
-    HTML with and without code, figures/ and index.html.
+    HTML with and without code, figures/ and index.html. With `weights` the notebooks use the committed weights of
+    record where present (no training); weights=False uses, or trains, the runs under runs/ (`make reproduce`),
+    and its report is copied back only when `record` is set.
 
     Everything runs in a staging folder first; the figures go there too ($DSVAE_FIGURES). Only when every notebook
     succeeded is the report moved into `out`; the cleaned notebooks and the figures are then copied back into the
@@ -2228,8 +2240,9 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
         for i, nb in enumerate(notebooks):
             print(f"[{i + 1}/{len(notebooks)}] {nb.name} (profile {profile})", flush=True)
             try:
-                pm.execute_notebook(str(nb), str(stage / nb.name), parameters={"profile": profile},
-                                    cwd=str(nb.parent), progress_bar=progress)
+                params = {"profile": profile, **({} if weights else {"weights": False})}
+                pm.execute_notebook(str(nb), str(stage / nb.name), parameters=params, cwd=str(nb.parent),
+                                    progress_bar=progress)
             except Exception as e:
                 failed = out / "failed"
                 shutil.rmtree(failed, ignore_errors=True)
@@ -2258,9 +2271,9 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
             os.environ["DSVAE_FIGURES"] = previous
         shutil.rmtree(stage, ignore_errors=True)
     print(f"report written to {out}/index.html (profile {profile})")
-    if not (record or get_profile(profile).of_record):
-        print(f"notebooks/ and figures/ left as they are: {profile!r} is not a profile of record "
-              f"(RECORD=1 / --record copies its report back anyway)")
+    if not (record or (get_profile(profile).of_record and weights)):
+        print(f"notebooks/ and figures/ left as they are: {profile!r} is not a profile of record, or the report is "
+              f"not of its weights of record (RECORD=1 / --record copies it back anyway)")
         return out
     for nb in notebooks:
         shutil.copyfile(out / nb.name, nb)
@@ -2271,6 +2284,10 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
             atomic_write(dest / f.name, f.read_bytes())
     print(f"copied back: {len(notebooks)} notebooks into {notebooks[0].parent if notebooks else NOTEBOOKS}"
           + (f", figures into {ROOT / get_profile(profile).figures}" if figures.is_dir() else ""))
+    metrics = ROOT / get_profile(profile).figures / "metrics.json"
+    readme = ROOT / "README.md"
+    if metrics.is_file() and readme.is_file() and README_BEGIN in readme.read_text():
+        print(f"README results rewritten from {metrics.relative_to(ROOT)}: {update_readme(metrics, readme)}")
     return out
 
 
@@ -2295,6 +2312,8 @@ def main(argv=None):
     r = sub.add_parser("report", help="run the notebooks into reports/ (HTML, index.html); copy back when of record")
     r.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     r.add_argument("--record", action="store_true", help="copy notebooks and figures back even for smoke")
+    r.add_argument("--no-weights", action="store_true",
+                   help="use (or train) the runs under runs/ instead of the committed weights of record")
     args = parser.parse_args(argv)
     try:
         profile = default_profile(getattr(args, "profile", None))
@@ -2329,7 +2348,7 @@ def _command(parser, args, profile):
         return
     if args.command == "report":
         try:
-            run_report(profile, record=args.record)
+            run_report(profile, record=args.record, weights=not args.no_weights)
         except ReportError as e:
             raise SystemExit(f"report failed: {e}")
         return

@@ -1,4 +1,6 @@
 """bf16 on the CPU, disentanglement tracked during training, and the weights of record (smoke, real data)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -58,6 +60,14 @@ def test_disentanglement_is_logged_during_training(tmp_path):
     assert "z kept: motion" in csv and "f kept: attributes" in csv
     _, plain = dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "plain")), progress=False)
     assert [r["loss"] for r in plain] == [r["loss"] for r in history]
+    assert len(dsae.plot_disentanglement_history(history).axes) == 2  # against epochs and wall time
+    with pytest.raises(ValueError, match="judge_every"):
+        dsae.plot_disentanglement_history(plain)
+    study = dsae.collect_study([tmp_path / "tracked", tmp_path / "plain"][:1], out=tmp_path / "study.json")
+    row = dsae.study_table(study, reference="smoke").loc["tracked"]
+    assert row["changes"] == "(profile values)" and row["paper's objective"] == "yes" and row["epochs"] == 2
+    assert row["z kept: motion %"] == pytest.approx(100 * history[-1]["z kept: motion"])
+    assert json.loads((tmp_path / "study.json").read_text())["tracked"]["history"] == history
 
 
 def test_weights_file_round_trips(tmp_path, batch):
