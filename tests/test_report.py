@@ -182,6 +182,9 @@ def test_papermill_parameters_reach_the_run(smoke_full_run, tmp_path):
                         parameters={"profile": "smoke", "q_z": "full"})
     assert "profile smoke, q(z) full, 1 epochs" in _stdout(tmp_path / "05.ipynb")
     assert (tmp_path / "figures" / "swap_grid.png").is_file()
+    cleaned = dsae.write_notebook(dsae.clean_notebook(json.loads((tmp_path / "05.ipynb").read_text())),
+                                  tmp_path / "05-clean.ipynb")  # a barely trained model: the noisiest figures
+    assert cleaned.stat().st_size <= 1.5 * 2 ** 20, f"05 cleaned is {cleaned.stat().st_size / 2 ** 20:.2f} MB"
 
 
 # ----------------------------------------------------------------------------- make report
