@@ -1798,7 +1798,8 @@ def study_table(study, reference="cpu"):
         motion, attributes = _ceiling(pd.DataFrame([last]))
         rows[name] = {"changes": ", ".join(f"{k}={v}" for k, v in changed.items()) or "(profile values)",
                       "paper's objective": "no" if beyond & set(changed) else "yes",
-                      "epochs": last["epoch"], "wall min": sum(r["seconds"] for r in run["history"]) / 60,
+                      "epochs": f"{last['epoch']} of {run['config']['epochs']}",
+                      "wall min": sum(r["seconds"] for r in run["history"]) / 60,
                       "parameters (M)": run["parameters"] / 1e6,
                       "z kept: motion %": 100 * last["z kept: motion"], "z kept: IS": last["z kept: IS"],
                       **{f"f kept: {a} %": 100 * last[f"f kept: {a}"] for a in ATTRIBUTES},

@@ -65,7 +65,7 @@ def test_disentanglement_is_logged_during_training(tmp_path):
         dsae.plot_disentanglement_history(plain)
     study = dsae.collect_study([tmp_path / "tracked", tmp_path / "plain"][:1], out=tmp_path / "study.json")
     row = dsae.study_table(study, reference="smoke").loc["tracked"]
-    assert row["changes"] == "(profile values)" and row["paper's objective"] == "yes" and row["epochs"] == 2
+    assert row["changes"] == "(profile values)" and row["paper's objective"] == "yes" and row["epochs"] == "2 of 2"
     assert row["z kept: motion %"] == pytest.approx(100 * history[-1]["z kept: motion"])
     assert json.loads((tmp_path / "study.json").read_text())["tracked"]["history"] == history
 
