@@ -1906,9 +1906,10 @@ def show_swap_grid(videos, frames=(0, 2, 4, 6), title=None, scale=1, gap=8):
 
 @torch.no_grad()
 def generations(model, x, fix, draws=3, seed=0):
-    """For each sequence of x: the original, then `draws` generations keeping its f (or z). uint8 rows."""
-    torch.manual_seed(seed)
-    samples = [to_uint8(model.generate(fix, x)[0]) for _ in range(draws)]
+    """For each sequence of x: the original, then `draws` generations keeping its f (or z), drawn from a generator
+    seeded with `seed` (the global RNG is left alone). uint8 rows."""
+    g = torch.Generator(model.device).manual_seed(seed)
+    samples = [to_uint8(model.generate(fix, x, generator=g)[0]) for _ in range(draws)]
     return interleave(to_uint8(x), *samples)
 
 

@@ -113,3 +113,14 @@ def test_committed_weights_are_used_without_training(tmp_path, monkeypatch):
         dsae.trained_model(dsae.make_config("smoke", q_z="full", run_dir=str(tmp_path / "f")), folder=tmp_path / "w")
     with pytest.raises(ValueError, match="another configuration"):
         dsae.trained_model(dsae.make_config("smoke", lr=0.5), folder=tmp_path / "w")
+
+
+def test_generations_draw_from_a_local_generator(batch):
+    """Figures' generations are reproducible from their seed and leave the global RNG untouched."""
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke")).eval()
+    state = torch.get_rng_state()
+    rows = dsae.generations(model, batch[:2], "f", draws=2, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert np.array_equal(rows, dsae.generations(model, batch[:2], "f", draws=2, seed=3))
+    assert not np.array_equal(rows, dsae.generations(model, batch[:2], "f", draws=2, seed=4))
