@@ -172,8 +172,8 @@ class Profile:
 PROFILES = {
     "paper": Profile(),
     "gpu": Profile(config=dict(epochs=60)),
-    "cpu": Profile(config=dict(channels=32, enc_hidden=1024, frame_dim=512, dec_hidden=1024, rnn_hidden=512,
-                               epochs=6, lr=1e-3, lr_schedule="cosine", judge_every=2)),
+    "cpu": Profile(config=dict(channels=16, enc_hidden=512, frame_dim=256, dec_hidden=512, rnn_hidden=256,
+                               epochs=10, lr=1e-3, lr_schedule="cosine", judge_every=2)),
     "smoke": Profile(config=dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64,
                                  rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50),
                      judge=dict(width=16, epochs=4, lr=2e-3, train_limit=1800), test_limit=270,
@@ -1106,7 +1106,7 @@ def _run_lock(run):
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
-        for tmp in [*run.glob(".checkpoint.pt.tmp-*"), *run.glob("tmp*.part")]:
+        for tmp in run.glob(".*.part"):  # temporary files of atomic_write that a killed run left behind
             tmp.unlink(missing_ok=True)
         yield
 

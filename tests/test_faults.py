@@ -348,14 +348,16 @@ if kind == "step":  # before the n-th train step of this process
     dsae.train_step = killing_step
 elif kind == "save":  # half-way through writing the n-th checkpoint of this process
     save = torch.save
-    def killing_save(obj, f, *args, **kwargs):
+    def killing_save(obj, f, *args, **kwargs):  # f: a path, or the open temporary file of an atomic write
         buf = io.BytesIO()
         save(obj, buf, *args, **kwargs)
-        with open(f, "wb") as out:
-            out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
-            out.flush()
-            die_at_call()
-            out.write(buf.getvalue()[len(buf.getvalue()) // 2:])
+        out = open(f, "wb") if isinstance(f, (str, os.PathLike)) else f
+        out.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        out.flush()
+        die_at_call()
+        out.write(buf.getvalue()[len(buf.getvalue()) // 2:])
+        if out is not f:
+            out.close()
     torch.save = killing_save
 elif kind == "metrics":  # after the n-th checkpoint is in place, before its metrics.json
     write = dsae._atomic_write_text

@@ -173,7 +173,7 @@ def test_papermill_parameters_reach_the_run(smoke_full_run, tmp_path):
                         parameters={"profile": "smoke", "q_z": "full", "overrides": '{"epochs": 1}'})
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["config"]["q_z"] == "full" and ckpt["config"]["profile"] == "smoke"
-    assert "run folder: runs/smoke-full" in _stdout(tmp_path / "03.ipynb")
+    assert "model of record: runs/smoke-full/checkpoint.pt" in _stdout(tmp_path / "03.ipynb")
     pm.execute_notebook(nb / "04_evaluation.ipynb", tmp_path / "04.ipynb", cwd=nb, progress_bar=False,
                         parameters={"profile": "smoke", "seeds": [7]})
     metrics = json.loads((tmp_path / "figures" / "metrics.json").read_text())
