@@ -1984,11 +1984,13 @@ def latent_walk(model, x, part="f", direction=0, offsets=(-3, -1.5, 0, 1.5, 3), 
 
 
 # ----------------------------------------------------------------------------- interactive views (ipywidgets)
-def _png(videos, scale=2):
-    """PNG bytes of a frame grid (R, T, H, W, 3), enlarged `scale` times."""
+def _png(videos, scale=2, palette=False):
+    """PNG bytes of a frame grid (R, T, H, W, 3), enlarged `scale` times; with `palette`, in 256 colours (the
+    stills kept in notebooks, a third of the size)."""
     image = Image.fromarray(grid(videos))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     buf = io.BytesIO()
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(buf, format="PNG")
+    (image.quantize(256) if palette else image).save(buf, format="PNG", optimize=palette)
     return buf.getvalue()
 
 
@@ -2008,7 +2010,7 @@ def _with_still(box, caption, still):
 def _still_png(videos, scale):
     """A frame grid as an <img> at its own resolution, shown `scale` times enlarged."""
     h, w = grid(videos).shape[:2]
-    return _img_html(_png(videos, 1), "image/png", scale * w, scale * h, "initial state of the view")
+    return _img_html(_png(videos, 1, palette=True), "image/png", scale * w, scale * h, "initial state of the view")
 
 
 def _label_pickers(prefix=""):
@@ -2287,8 +2289,8 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
     print(f"copied back: {len(notebooks)} notebooks into {notebooks[0].parent if notebooks else NOTEBOOKS}"
           + (f", figures into {ROOT / get_profile(profile).figures}" if figures.is_dir() else ""))
     metrics = ROOT / get_profile(profile).figures / "metrics.json"
-    readme = ROOT / "README.md"
-    if metrics.is_file() and readme.is_file() and README_BEGIN in readme.read_text():
+    readme = ROOT / "README.md"  # the results of record only: never a smoke run's, even when copied back
+    if get_profile(profile).of_record and weights and metrics.is_file() and README_BEGIN in readme.read_text():
         print(f"README results rewritten from {metrics.relative_to(ROOT)}: {update_readme(metrics, readme)}")
     return out
 
