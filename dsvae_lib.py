@@ -1738,7 +1738,7 @@ TRACKED = {"z kept: motion": "z kept, f ~ p(f): motion", "f kept: attributes": "
 
 def _ceiling(df):
     """The judge on reconstructions: motion, and the mean of the four attributes."""
-    return df["recon: motion"], df[[f"recon: {a}" for a in ATTRIBUTES]].mean(1)
+    return df["recon: motion"], df[[f"recon: {a}" for a in ATTRIBUTES]].mean(axis=1)
 
 
 def plot_disentanglement_history(history, title=None):
