@@ -1239,7 +1239,7 @@ def weights_path(profile, q_z, folder=None):
 def export_weights(checkpoint, out):
     """A training checkpoint -> a weights file of record: the model state in half precision with the config,
     epoch count and training history (no optimiser, scheduler or RNG state), written atomically."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    ckpt = _read_checkpoint(checkpoint, "cpu")
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     _atomic_save({"config": ckpt["config"], "model": state, "epoch": ckpt["epoch"], "history": ckpt["history"],
@@ -1774,7 +1774,7 @@ def collect_study(run_dirs, out=None):
     written as JSON to `out` when given, so the report shows the study without its checkpoints."""
     study = {}
     for run in map(Path, run_dirs):
-        ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+        ckpt = _read_checkpoint(run / "checkpoint.pt", "cpu")
         study[run.name] = {"config": ckpt["config"], "history": ckpt["history"],
                            "parameters": sum(v.numel() for k, v in ckpt["model"].items()
                                              if "running" not in k and "num_batches" not in k)}
@@ -2345,7 +2345,7 @@ def _command(parser, args, profile):
         if not ckpt.is_file():
             parser.error(f"no run at {ckpt}; train it first: python dsvae_lib.py train --profile {profile} "
                          f"--set q_z={args.q_z}")
-        epoch = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
+        epoch = _read_checkpoint(ckpt, "cpu")["epoch"]
         if epoch < config.epochs:
             parser.error(f"{ckpt} holds {epoch} of {config.epochs} epochs; finish training before exporting it")
         print(export_weights(ckpt, weights_path(profile, args.q_z)))
