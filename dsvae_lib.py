@@ -172,8 +172,8 @@ class Profile:
 PROFILES = {
     "paper": Profile(),
     "gpu": Profile(config=dict(epochs=60)),
-    "cpu": Profile(config=dict(channels=16, enc_hidden=512, frame_dim=256, dec_hidden=512, rnn_hidden=256,
-                               epochs=10, lr=1e-3, lr_schedule="cosine", judge_every=2)),
+    "cpu": Profile(config=dict(channels=32, enc_hidden=1024, frame_dim=256, dec_hidden=1024, rnn_hidden=256,
+                               epochs=16, lr=1e-3, lr_schedule="cosine", judge_every=2)),
     "smoke": Profile(config=dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64,
                                  rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50),
                      judge=dict(width=16, epochs=4, lr=2e-3, train_limit=1800), test_limit=270,
@@ -1236,10 +1236,20 @@ def weights_path(profile, q_z, folder=None):
     return Path(folder or WEIGHTS) / f"{profile}-{q_z}.pt"
 
 
-def export_weights(checkpoint, out):
+def export_weights(checkpoint, out, expected: Config | None = None):
     """A training checkpoint -> a weights file of record: the model state in half precision with the config,
-    epoch count and training history (no optimiser, scheduler or RNG state), written atomically."""
+    epoch count and training history (no optimiser, scheduler or RNG state), written atomically. With `expected`
+    (the profile's config), a checkpoint of another configuration or with fewer epochs is refused first."""
     ckpt = _read_checkpoint(checkpoint, "cpu")
+    if expected is not None:
+        fix = f"train the profile's own run (python dsvae_lib.py train --profile {expected.profile} --set " \
+              f"q_z={expected.q_z}) and export that"
+        if _comparable(Config(**ckpt["config"])) != _comparable(expected):
+            raise ValueError(f"{checkpoint} was trained with another configuration than profile "
+                             f"{expected.profile!r} defines; {fix}")
+        if ckpt["epoch"] < expected.epochs:
+            raise ValueError(f"{checkpoint} holds {ckpt['epoch']} of {expected.epochs} epochs; finish training "
+                             f"before exporting it")
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     _atomic_save({"config": ckpt["config"], "model": state, "epoch": ckpt["epoch"], "history": ckpt["history"],
@@ -1273,15 +1283,23 @@ class JudgeConfig:
     train_limit: int | None = None  # first N training sequences (smoke)
     test_limit: int | None = None   # judge accuracy and every metric on the first N test sequences (smoke)
     seed: int = 0
+    blur: float = 0.0               # > 0: each batch blurred by a Gaussian of sigma ~ U(0, blur) pixels (a diagnostic
+                                    # judge that reads colours through blur; the judge of the metrics has 0)
+
+    def key(self):
+        """Cache key of the judge's file. A judge without blur keeps the key it had before `blur` existed."""
+        text = repr(self) if self.blur else repr(self).replace(", blur=0.0)", ")")
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 HEADS = (*ATTRIBUTES, "motion")
 
 
-def judge_config(profile):
-    """The judge used with a DSAE profile (its record's `judge`), judged on the record's `test_limit` sequences."""
+def judge_config(profile, **overrides):
+    """The judge used with a DSAE profile (its record's `judge`), judged on the record's `test_limit` sequences;
+    `overrides` change single fields (e.g. blur=1.0 for the diagnostic judge)."""
     record = get_profile(profile)
-    return JudgeConfig(**{**record.judge, "test_limit": record.test_limit})
+    return JudgeConfig(**{**record.judge, "test_limit": record.test_limit, **overrides})
 
 
 class Judge(nn.Module):
@@ -1338,6 +1356,35 @@ def judge_accuracy(judge, data: Sprites, limit=None):
     return {h: float((probs[h].argmax(1) == labels_of(data)[h][:n]).mean()) for h in HEADS}
 
 
+def gaussian_blur(x, sigma):
+    """Model-input videos (B, T, 3, 64, 64) blurred per frame by a Gaussian of `sigma` pixels (radius 3 sigma)."""
+    r = max(1, math.ceil(3 * sigma))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    weight = torch.outer(k, k).expand(3, 1, 2 * r + 1, 2 * r + 1).to(x.device, x.dtype)
+    frames = F.pad(x.flatten(0, 1), (r, r, r, r), mode="replicate")
+    return F.conv2d(frames, weight, groups=3).view_as(x)
+
+
+@torch.no_grad()
+def judge_under_blur(judge, data: Sprites, sigmas=(0.5, 0.7, 1.0), limit=None):
+    """How the judge reads *real* sequences blurred by a Gaussian of each sigma (pixels): a DataFrame of the
+    PSNR of the blurred frames and the accuracy of every head. Blur costs a reconstruction accuracy even when its
+    colours are right, so this is how sharp a decoder must be before the judge can read its attributes."""
+    import pandas as pd
+    n = len(data) if limit is None else min(limit, len(data))
+    x = to_model_input(data.frames[:n])
+    labels = labels_of(data)
+    rows = {}
+    for sigma in sigmas:
+        blurred = torch.cat([gaussian_blur(x[i:i + 100], sigma) for i in range(0, n, 100)])
+        mse = float(((blurred - x) / 2).pow(2).mean())
+        probs = judge_probs(judge, blurred)
+        rows[sigma] = {"PSNR dB": 10 * math.log10(1 / mse),
+                       **{f"{h} %": 100 * _accuracy(probs[h], labels[h][:n]) for h in HEADS}}
+    return pd.DataFrame(rows).T.rename_axis("blur sigma (pixels)")
+
+
 def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_data: Sprites | None = None,
                 path=None, progress=True):
     """Train the judge on `train_data` (default: the real training split) and measure it on `test_data` (default:
@@ -1350,7 +1397,7 @@ def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_dat
     train_data = load_sprites("train") if train_data is None else train_data
     data_key = train_data.source
     if path is None and data_key is not None:
-        path = ROOT / "runs" / f"judge-{data_key}-{hashlib.sha256(repr(config).encode()).hexdigest()[:8]}.pt"
+        path = ROOT / "runs" / f"judge-{data_key}-{config.key()}.pt"
     path = Path(path) if path is not None else None
     device = pick_device()
     judge = Judge(config).to(device).to(memory_format=torch.channels_last)
@@ -1363,11 +1410,14 @@ def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_dat
     labels = {h: torch.as_tensor(v).to(device) for h, v in labels_of(train_data).items()}
     batches = Batches(train_data, config.batch_size, device, seed=config.seed, limit=config.train_limit)
     optimizer = torch.optim.Adam(judge.parameters(), lr=config.lr)
+    blur_rng = np.random.RandomState(config.seed)  # the blur of each batch (config.blur > 0), a local generator
     for epoch in range(config.epochs):
         judge.train()
         batches.epoch = epoch
         bar = tqdm(batches, disable=not progress, desc=f"judge epoch {epoch + 1}/{config.epochs}", leave=False)
         for idx, x in bar:
+            if config.blur:
+                x = gaussian_blur(x, max(float(blur_rng.uniform(0, config.blur)), 0.05))
             with _autocast(device):
                 logits = judge(x)
             loss = sum(F.cross_entropy(logits[h].float(), labels[h][idx]) for h in HEADS)
@@ -1442,7 +1492,8 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
        resampled part drawn from the aggregate posterior (another test sequence's code) instead of the prior;
     4. reconstruction (f and z kept): per-pixel MSE (pixels in [0, 1]), PSNR, and the judge's accuracy on every
        head, the ceiling of every generation metric above.
-    Returns (per-seed rows, confusion matrices of the first seed: attributes with f kept, motion with z kept).
+    Returns (per-seed rows, confusion matrices of the first seed: attributes with f kept, motion with z kept, and
+    every head on the reconstructions under "recon: <head>").
     """
     from sklearn.metrics import confusion_matrix
     model.eval()
@@ -1455,6 +1506,8 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
     mse = float(((recon.clamp(-1, 1) - x) / 2).pow(2).mean())
     read = judge_probs(judge, recon)
     ceiling = {f"recon: {h}": _accuracy(read[h], labels[h]) for h in HEADS}
+    recon_confusions = {f"recon: {h}": confusion_matrix(labels[h], read[h].argmax(1),
+                                                        labels=range(read[h].shape[1])).tolist() for h in HEADS}
     rows, confusions = [], {}
     for seed in tqdm(seeds, desc="sampling seeds", disable=not progress):
         g = torch.Generator(model.device).manual_seed(seed)
@@ -1478,7 +1531,28 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
             confusions = {h: confusion_matrix(labels[h], (keep_z if h == "motion" else keep_f)[h].argmax(1),
                                               labels=range(probs.shape[1])).tolist()
                           for h, probs in keep_z.items()}
-    return rows, confusions
+    return rows, {**confusions, **recon_confusions}
+
+
+@torch.no_grad()
+def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
+    """The four attributes as each judge of `judges` ({name: judge}) reads them on the plain reconstructions and on
+    the generations with f kept and z_1:T ~ p(z) (sampling seed `seed`, drawn as `evaluate` draws it): a DataFrame
+    (judge x reading, %). With a judge trained on blurred real sequences it separates "f lost the colour" from
+    "the decoder blurs it"."""
+    import pandas as pd
+    model.eval()
+    f, z = encode_all(model, data, limit)
+    n = len(f)
+    labels = labels_of(data)
+    g = torch.Generator(model.device).manual_seed(seed)
+    videos = {"f kept": _decode_all(model, f, model.sample_z(n, generator=g)), "recon": _decode_all(model, f, z)}
+    rows = {}
+    for name, judge in judges.items():
+        probs = {kind: judge_probs(judge, v) for kind, v in videos.items()}
+        rows[name] = {f"{kind}: {a} %": 100 * _accuracy(probs[kind][a], labels[a][:n])
+                      for kind in videos for a in ATTRIBUTES}
+    return pd.DataFrame(rows).T
 
 
 def summarise(rows):
@@ -1769,10 +1843,12 @@ def plot_disentanglement_history(history, title=None):
 
 
 # ----------------------------------------------------------------------------- the study
-def collect_study(run_dirs, out=None):
+def collect_study(run_dirs, out=None, keep=True):
     """{name: {config, parameters, history}} of the study's runs (folders holding metrics.json and checkpoint.pt);
-    written as JSON to `out` when given, so the report shows the study without its checkpoints."""
-    study = {}
+    written as JSON to `out` when given, so the report shows the study without its checkpoints. With `keep`, the
+    runs already in `out` stay (a run collected again replaces its entry), so a study can grow after its earlier
+    checkpoints are gone."""
+    study = json.loads(Path(out).read_text()) if keep and out and Path(out).is_file() else {}
     for run in map(Path, run_dirs):
         ckpt = _read_checkpoint(run / "checkpoint.pt", "cpu")
         study[run.name] = {"config": ckpt["config"], "history": ckpt["history"],
@@ -1788,7 +1864,8 @@ def study_table(study, reference="cpu"):
     paper's model and objective, the last logged metrics, epochs, wall time and parameters."""
     import pandas as pd
     base = make_config(reference).__dict__
-    beyond = {"beta_f", "beta_z"}  # KL weights other than 1 change the paper's objective
+    beyond = {"beta_f", "beta_z", "likelihood_var"}  # KL weights other than 1, or another likelihood scale than
+    # the SSE, change the paper's objective
     rows = {}
     for name, run in study.items():
         changed = {k: v for k, v in run["config"].items()
@@ -1816,12 +1893,14 @@ def plot_study(study):
     import matplotlib.pyplot as plt
     import pandas as pd
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
-    for name, run in study.items():
+    colors, markers = plt.cm.tab20.colors, "os^Dv<>pPX*h"
+    for i, (name, run) in enumerate(study.items()):  # a colour and a marker of its own for every run
         df = pd.DataFrame(run["history"])
         df["wall minutes"] = df["seconds"].cumsum() / 60
         df = df.dropna(subset=["z kept: motion"])
         for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
-            ax.plot(df["wall minutes"], 100 * df[key], marker="o", label=name)
+            ax.plot(df["wall minutes"], 100 * df[key], marker=markers[i % len(markers)],
+                    color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], label=name)
     for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
         ax.set_title(TRACKED[key])
         ax.set_xlabel("training wall minutes")
@@ -1944,21 +2023,22 @@ def plot_latents(embedding, data: Sprites, method="pca"):
     return fig
 
 
-def plot_confusions(confusions, title=None):
+def plot_confusions(confusions, title=None, reconstruction=False):
     """Judge confusion matrices (rows: true, normalised) on generated sequences: attributes with f kept, motion
-    with z kept, as `evaluate` returns them."""
+    with z kept, as `evaluate` returns them; with `reconstruction`, those of the plain reconstructions instead."""
     import matplotlib.pyplot as plt
     import seaborn as sns
     fig, axes = plt.subplots(1, 5, figsize=(22, 4.2), gridspec_kw={"width_ratios": [1, 1, 1, 1, 1.6]})
     for ax, head in zip(axes, HEADS):
         source = "z kept" if head == "motion" else "f kept"
-        cm = np.asarray(confusions[head], dtype=float)
+        cm = np.asarray(confusions[f"recon: {head}" if reconstruction else head], dtype=float)
         cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
         k = len(cm)
         names = MOTIONS if head == "motion" else range(k)
         sns.heatmap(cm, annot=k <= 6, fmt=".2f", cmap="Blues", vmin=0, vmax=1, cbar=False, ax=ax,
                     xticklabels=names, yticklabels=names)
-        ax.set_title(f"{head} ({source}, resampled {'f' if head == 'motion' else 'z'})")
+        ax.set_title(f"{head} (reconstructions)" if reconstruction else
+                     f"{head} ({source}, resampled {'f' if head == 'motion' else 'z'})")
         ax.set_xlabel("judge")
         ax.set_ylabel("true")
     if title:
@@ -2311,6 +2391,9 @@ def main(argv=None):
     p = sub.add_parser("export", help="write the weights of record weights/<profile>-<q_z>.pt from a finished run")
     p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     p.add_argument("--q-z", default="factorised", choices=("factorised", "full"))
+    p = sub.add_parser("study", help="add training runs (their histories) to figures/study.json")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding checkpoint.pt")
+    p.add_argument("--out", default=str(ROOT / "figures" / "study.json"))
     p = sub.add_parser("readme", help="rewrite the README's results section from the profile's metrics.json")
     p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     r = sub.add_parser("report", help="run the notebooks into reports/ (HTML, index.html); copy back when of record")
@@ -2336,6 +2419,13 @@ def _command(parser, args, profile):
             verify_cache(folder)
         print(folder)
         return
+    if args.command == "study":
+        missing = [r for r in args.runs if not (Path(r) / "checkpoint.pt").is_file()]
+        if missing:
+            parser.error(f"no checkpoint.pt in {missing}; pass run folders such as runs/cpu-full")
+        study = collect_study(args.runs, out=args.out)
+        print(f"{args.out}: {len(study)} runs ({', '.join(study)})")
+        return
     if args.command == "readme":
         print(update_readme(figures_dir(profile) / "metrics.json"))
         return
@@ -2345,10 +2435,7 @@ def _command(parser, args, profile):
         if not ckpt.is_file():
             parser.error(f"no run at {ckpt}; train it first: python dsvae_lib.py train --profile {profile} "
                          f"--set q_z={args.q_z}")
-        epoch = _read_checkpoint(ckpt, "cpu")["epoch"]
-        if epoch < config.epochs:
-            parser.error(f"{ckpt} holds {epoch} of {config.epochs} epochs; finish training before exporting it")
-        print(export_weights(ckpt, weights_path(profile, args.q_z)))
+        print(export_weights(ckpt, weights_path(profile, args.q_z), expected=config))
         return
     if args.command == "report":
         try:

@@ -1,4 +1,6 @@
 """The judge and the disentanglement metrics (smoke profile, real Sprites data)."""
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,12 @@ def test_evaluate_is_deterministic_and_complete(judge):
     assert np.asarray(confusions["motion"]).shape == (9, 9) and np.asarray(confusions["skin"]).shape == (6, 6)
     assert np.asarray(confusions["motion"]).sum(1).tolist() == [5] * 9  # 45 sequences = 5 characters x 9 motions
     assert np.trace(confusions["motion"]) / 45 == pytest.approx(rows[0]["z kept: motion"])  # first seed's counts
+    for h in dsae.HEADS:  # the reconstructions' matrices count what the ceiling measures
+        assert np.trace(confusions[f"recon: {h}"]) / 45 == pytest.approx(rows[0][f"recon: {h}"])
+    readings = dsae.attribute_readings(model, {"j": judge_model}, test, limit=45)  # the same draws as seed 0
+    for a in dsae.ATTRIBUTES:
+        assert readings.loc["j", f"f kept: {a} %"] == pytest.approx(100 * rows[0][f"f kept: {a}"])
+        assert readings.loc["j", f"recon: {a} %"] == pytest.approx(100 * rows[0][f"recon: {a}"])
     summary = dsae.summarise(rows)
     assert summary.loc["z kept: IS", "mean"] == pytest.approx(np.mean([r["z kept: IS"] for r in rows]))
 
@@ -103,3 +111,34 @@ def test_judge_trains_on_the_data_it_is_given(train, test_split, monkeypatch, tm
     assert set(accuracy) == set(dsae.HEADS) and not list((dsae.ROOT / "runs").glob("judge-None*"))
     dsae.train_judge(config, small, test_split, path=tmp_path / "j.pt", progress=False)
     assert (tmp_path / "j.pt").is_file()
+
+
+def test_judge_under_blur_measures_real_sequences_made_less_sharp(judge):
+    """The blur keeps a flat frame, removes detail as sigma grows, and the judge is read on the blurred real split."""
+    flat = torch.full((1, 2, 3, 64, 64), 0.25)
+    torch.testing.assert_close(dsae.gaussian_blur(flat, 1.0), flat)
+    x = dsae.to_model_input(dsae.load_sprites("test").frames[:2])
+    assert (dsae.gaussian_blur(x, 1.0) - x).abs().mean() > (dsae.gaussian_blur(x, 0.3) - x).abs().mean() > 0
+    table = dsae.judge_under_blur(judge[0], dsae.load_sprites("test"), sigmas=(0.3, 1.5), limit=45)
+    assert list(table.index) == [0.3, 1.5] and table.loc[0.3, "PSNR dB"] > table.loc[1.5, "PSNR dB"]
+    assert all(0 <= v <= 100 for h in dsae.HEADS for v in table[f"{h} %"])
+    probs = dsae.judge_probs(judge[0], dsae.gaussian_blur(dsae.to_model_input(dsae.load_sprites("test").frames[:45]), 1.5))
+    assert table.loc[1.5, "motion %"] == pytest.approx(100 * np.mean(probs["motion"].argmax(1) ==
+                                                                     dsae.load_sprites("test").motion[:45]))
+
+
+def test_a_judge_trained_with_blur_sees_blurred_batches_under_its_own_key(train, test_split):
+    """blur > 0 changes what the judge is trained on (same data and seed, other weights) and its cache key; a
+    judge without blur keeps the key of the judges cached before the option existed."""
+    small = dsae.Sprites(train.frames[:90], train.character[:90], train.attributes[:90], train.action[:90],
+                         train.direction[:90])
+    plain = dsae.JudgeConfig(width=4, epochs=1, train_limit=90, test_limit=18)
+    blurred = dsae.JudgeConfig(width=4, epochs=1, train_limit=90, test_limit=18, blur=1.0)
+    assert plain.key() == hashlib.sha256(
+        b"JudgeConfig(width=4, epochs=1, batch_size=50, lr=0.001, train_limit=90, test_limit=18, seed=0)").hexdigest()[:8]
+    assert blurred.key() != plain.key()
+    a, _ = dsae.train_judge(plain, small, test_split, progress=False)
+    b, _ = dsae.train_judge(blurred, small, test_split, progress=False)
+    again, _ = dsae.train_judge(blurred, small, test_split, progress=False)
+    assert not torch.equal(a.attributes.weight, b.attributes.weight)
+    assert torch.equal(b.attributes.weight, again.attributes.weight)  # the blur draws are seeded

@@ -68,6 +68,12 @@ def test_disentanglement_is_logged_during_training(tmp_path):
     assert row["changes"] == "(profile values)" and row["paper's objective"] == "yes" and row["epochs"] == "2 of 2"
     assert row["z kept: motion %"] == pytest.approx(100 * history[-1]["z kept: motion"])
     assert json.loads((tmp_path / "study.json").read_text())["tracked"]["history"] == history
+    many = {f"run {i}": study["tracked"] for i in range(13)}  # every run of a study is told apart in its figure
+    lines = [line for line in dsae.plot_study(many).axes[0].get_lines() if line.get_label().startswith("run")]
+    assert len({(tuple(line.get_color()), line.get_marker()) for line in lines}) == 13
+    grown = dsae.collect_study([tmp_path / "plain"], out=tmp_path / "study.json")  # earlier runs stay
+    assert list(grown) == ["tracked", "plain"] and grown["tracked"]["history"] == history
+    assert list(json.loads((tmp_path / "study.json").read_text())) == ["tracked", "plain"]
 
 
 def test_weights_file_round_trips(tmp_path, batch):
@@ -115,6 +121,20 @@ def test_committed_weights_are_used_without_training(tmp_path, monkeypatch):
         dsae.trained_model(dsae.make_config("smoke", lr=0.5), folder=tmp_path / "w")
 
 
+def test_export_refuses_a_run_of_another_configuration_or_unfinished(tmp_path):
+    """Weights of record always hold the profile's own configuration, fully trained; nothing is written otherwise."""
+    config = dsae.make_config("smoke", run_dir=str(tmp_path / "run"), channels=4)
+    dsae.train(config, progress=False)
+    out = tmp_path / "w" / "smoke-factorised.pt"
+    with pytest.raises(ValueError, match="another configuration than profile 'smoke'"):
+        dsae.export_weights(tmp_path / "run" / "checkpoint.pt", out, expected=dsae.make_config("smoke"))
+    with pytest.raises(ValueError, match="holds 2 of 3 epochs"):
+        dsae.export_weights(tmp_path / "run" / "checkpoint.pt", out,
+                            expected=dsae.make_config("smoke", channels=4, epochs=3))
+    assert not out.exists()
+    assert dsae.export_weights(tmp_path / "run" / "checkpoint.pt", out, expected=config) == out
+
+
 def test_generations_draw_from_a_local_generator(batch):
     """Figures' generations are reproducible from their seed and leave the global RNG untouched."""
     torch.manual_seed(0)
@@ -124,3 +144,16 @@ def test_generations_draw_from_a_local_generator(batch):
     assert torch.equal(torch.get_rng_state(), state)
     assert np.array_equal(rows, dsae.generations(model, batch[:2], "f", draws=2, seed=3))
     assert not np.array_equal(rows, dsae.generations(model, batch[:2], "f", draws=2, seed=4))
+
+
+@pytest.mark.parametrize("q_z", ["factorised", "full"])
+def test_committed_weights_hold_their_profile_and_fit_the_limit(q_z):
+    """Each weights file of record holds its profile's configuration, trained for the profile's epochs, in half
+    precision within 20 MB; a changed profile without new weights fails here, not in the report."""
+    path = dsae.weights_path("cpu", q_z)
+    assert path.stat().st_size <= 20_000_000
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    expected = dsae.make_config("cpu", q_z=q_z)
+    assert dsae._comparable(dsae.Config(**saved["config"])) == dsae._comparable(expected)
+    assert saved["epoch"] == expected.epochs == len(saved["history"])
+    assert {v.dtype for v in saved["model"].values() if v.is_floating_point()} == {torch.float16}
