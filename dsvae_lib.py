@@ -607,6 +607,21 @@ def render_character(c, sheets=None):
     return compose_character(_strips(str(find_sheets(sheets))), int(c))
 
 
+def attribute_colours(sheets=None):
+    """Mean colour of every attribute variant, over the opaque pixels of its layer in all 72 frames the protocol
+    crops: a DataFrame (attribute, variant) x (R, G, B, luma), 0..255, luma = 0.299 R + 0.587 G + 0.114 B (Rec. 601).
+    Variants of equal luma differ only in hue, which a blurry decoder is the first to lose."""
+    import pandas as pd
+    strips = _strips(str(find_sheets(sheets)))
+    rows = {}
+    for a, folder in zip(ATTRIBUTES, LAYER_FOLDERS):
+        for v in range(N_VARIANTS):
+            rgba = np.asarray(strips[f"{folder}/{v}.png"]).reshape(-1, 4).astype(np.float64)
+            r, g, b = rgba[rgba[:, 3] > 0, :3].mean(0)
+            rows[(a, v)] = {"R": r, "G": g, "B": b, "luma": 0.299 * r + 0.587 * g + 0.114 * b}
+    return pd.DataFrame(rows).T.rename_axis(["attribute", "variant"])
+
+
 @functools.lru_cache(maxsize=2)
 def _strips(folder):
     _check_sheets(folder)
@@ -1287,8 +1302,10 @@ class JudgeConfig:
                                     # judge that reads colours through blur; the judge of the metrics has 0)
 
     def key(self):
-        """Cache key of the judge's file. A judge without blur keeps the key it had before `blur` existed."""
-        text = repr(self) if self.blur else repr(self).replace(", blur=0.0)", ")")
+        """Cache key of the judge's file: a hash of its fields, `blur` left out when 0 (so a judge without blur keeps
+        the key it had before `blur` existed)."""
+        fields = {k: v for k, v in self.__dict__.items() if k != "blur" or v}
+        text = f"JudgeConfig({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -1555,6 +1572,30 @@ def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
     return pd.DataFrame(rows).T
 
 
+def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=None):
+    """What each latent holds, whether or not the decoder renders it: for every head, the test accuracy (%) of a
+    linear read-out (multinomial logistic regression) from the posterior means of f and of z_1:T (flattened over t),
+    fitted on the codes of the first `train_limit` training sequences (train_limit/9 characters x 9 motions) and
+    scored on (the first `limit` of) the test split, whose characters the model never saw. A DataFrame (code x head).
+    f reading an attribute that the reconstructions lose points at the decoder; z reading one points at a leak."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+    codes = {}
+    for name, data, n in (("train", train, train_limit), ("test", test, limit)):
+        f, z = encode_all(model, data, n)
+        codes[name] = {"f": f.cpu().numpy(), "z_1:T": z.flatten(1).cpu().numpy()}
+    n_train, n_test = len(codes["train"]["f"]), len(codes["test"]["f"])
+    y_train = {h: v[:n_train] for h, v in labels_of(train).items()}
+    y_test = {h: v[:n_test] for h, v in labels_of(test).items()}
+    rows = {}
+    for code in ("f", "z_1:T"):
+        mean, std = codes["train"][code].mean(0), codes["train"][code].std(0) + 1e-6
+        x_train, x_test = (codes["train"][code] - mean) / std, (codes["test"][code] - mean) / std
+        rows[code] = {h: 100 * LogisticRegression(max_iter=2000).fit(x_train, y_train[h]).score(x_test, y_test[h])
+                      for h in HEADS}
+    return pd.DataFrame(rows).T.rename_axis("code")
+
+
 def summarise(rows):
     """Mean and standard deviation over seeds of every metric: a DataFrame (metric x [mean, std])."""
     import pandas as pd
@@ -1622,6 +1663,11 @@ def results_markdown(metrics):
     lines.append("| final train −ELBO (recon + KL_f + KL_z), nats | " + " | ".join(
         "{loss:.1f} ({recon:.1f} + {kl_f:.1f} + {kl_z:.1f})".format(**run["final ELBO terms"])
         for run in runs.values()) + " |")
+    if all("latent probe %" in run for run in runs.values()):  # what the codes hold (latent_probe)
+        for code in ("f", "z_1:T"):
+            for h in HEADS:
+                lines.append(f"| linear probe of {code} (train codes → test codes): {h} % | " + " | ".join(
+                    f"{run['latent probe %'][code][h]:.1f}" for run in runs.values()) + " |")
     return "\n".join(lines)
 
 
@@ -1672,7 +1718,8 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
     `weights` and committed, else its runs under runs/); written as JSON to `out` (default: metrics.json in
     figures_dir(profile)).
 
-    Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std, "confusions ..."}}}.
+    Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std, "confusions ...",
+    "latent probe %": {code: {head: accuracy %}} (latent_probe)}}}.
     """
     runs = trained_runs(profile, weights)
     if not runs:
@@ -1688,7 +1735,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
                              f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
     jc = judge_config(profile)
     judge, judge_acc = train_judge(jc, progress=progress)
-    test = load_sprites("test")
+    test, train = load_sprites("test"), load_sprites("train")
     judge = judge.to(device)
     result = {"profile": profile, "data": build_cache().name, "test sequences": jc.test_limit or len(test),
               "seeds": list(seeds), "judge": {"config": jc.__dict__, "test accuracy": judge_acc},
@@ -1704,7 +1751,8 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
                              "final ELBO terms": {k: ckpt["history"][-1][k] for k in
                                                   ("loss", "recon", "kl_f", "kl_z", "test_loss")},
                              "rows": rows, "summary": {k: dict(v) for k, v in summary.T.items()},
-                             "confusions (first seed)": confusions}
+                             "confusions (first seed)": confusions,
+                             "latent probe %": latent_probe(model, train, test, limit=jc.test_limit).to_dict("index")}
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))

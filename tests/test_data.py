@@ -387,3 +387,16 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert path.read_bytes() == b"old" and sorted(p.name for p in path.parent.iterdir()) == ["a.bin"]
     dsvae_lib.atomic_write(path, "new text")
     assert path.read_text() == "new text"
+
+
+def test_attribute_colours_are_read_from_each_variants_own_layer(sheets_dir):
+    """Six distinct mean colours per attribute, each with its Rec. 601 luma, from the real sheets."""
+    table = dsvae_lib.attribute_colours(sheets_dir)
+    assert table.shape == (len(dsvae_lib.ATTRIBUTES) * dsvae_lib.N_VARIANTS, 4)
+    rgb = table[["R", "G", "B"]].to_numpy()
+    assert ((0 <= rgb) & (rgb <= 255)).all()
+    np.testing.assert_allclose(table["luma"], rgb @ [0.299, 0.587, 0.114])
+    for a in dsvae_lib.ATTRIBUTES:
+        colours = table.loc[a, ["R", "G", "B"]].to_numpy()
+        distances = np.linalg.norm(colours[:, None] - colours[None], axis=-1)
+        assert (distances + 1e3 * np.eye(dsvae_lib.N_VARIANTS)).min() > 10, a

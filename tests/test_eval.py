@@ -142,3 +142,27 @@ def test_a_judge_trained_with_blur_sees_blurred_batches_under_its_own_key(train,
     again, _ = dsae.train_judge(blurred, small, test_split, progress=False)
     assert not torch.equal(a.attributes.weight, b.attributes.weight)
     assert torch.equal(b.attributes.weight, again.attributes.weight)  # the blur draws are seeded
+
+
+class _PixelCodes(torch.nn.Module):
+    """A stand-in encoder with known content: f is the real frames pooled to 4x4 and averaged over time (it holds the
+    colours and the layout), z_1:T is all zeros (it holds nothing)."""
+    config = dsae.make_config("smoke")
+    device = torch.device("cpu")
+
+    def encode(self, x, sample=True):
+        f = torch.nn.functional.avg_pool2d(x.flatten(0, 1), 16).reshape(len(x), x.shape[1], -1).mean(1)
+        z = torch.zeros(len(x), x.shape[1], 2)
+        return dsae.Posterior(f, f, f, z, z, z)
+
+
+def test_latent_probe_reads_what_a_code_holds_and_nothing_from_an_empty_one(train, test_split):
+    """Fitted on training codes, scored on test codes: pixel codes read hair and motion; a constant code can do no
+    better than the largest test class, and exactly chance on the balanced motion."""
+    table = dsae.latent_probe(_PixelCodes(), train, test_split, train_limit=900, limit=270)
+    assert list(table.index) == ["f", "z_1:T"] and list(table.columns) == list(dsae.HEADS)
+    assert table.loc["f", "hair"] >= 95 and table.loc["f", "motion"] >= 95
+    labels = dsae.labels_of(test_split)
+    for h in dsae.HEADS:
+        assert table.loc["z_1:T", h] <= 100 * np.bincount(labels[h][:270]).max() / 270 + 1e-9
+    assert table.loc["z_1:T", "motion"] == pytest.approx(100 / 9)

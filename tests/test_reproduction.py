@@ -157,3 +157,19 @@ def test_committed_weights_hold_their_profile_and_fit_the_limit(q_z):
     assert dsae._comparable(dsae.Config(**saved["config"])) == dsae._comparable(expected)
     assert saved["epoch"] == expected.epochs == len(saved["history"])
     assert {v.dtype for v in saved["model"].values() if v.is_floating_point()} == {torch.float16}
+
+
+def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_path):
+    """The README's results section is results_markdown of figures/metrics.json, whose weights are the committed
+    files (same SHA-256); update_readme rewrites only what lies between the markers."""
+    metrics = json.loads((dsae.ROOT / "figures" / "metrics.json").read_text())
+    readme = (dsae.ROOT / "README.md").read_text()
+    section = readme.split(dsae.README_BEGIN, 1)[1].split(dsae.README_END, 1)[0]
+    assert section.strip() == dsae.results_markdown(metrics).strip()
+    for q, run in metrics["runs"].items():
+        assert dsae.sha256(dsae.ROOT / run["checkpoint"]) == run["checkpoint sha256"], q
+    copy = tmp_path / "README.md"
+    copy.write_text(f"before\n{dsae.README_BEGIN}\nold\n{dsae.README_END}\nafter\n")
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    dsae.update_readme(tmp_path / "metrics.json", copy)
+    assert copy.read_text() == f"before\n{dsae.README_BEGIN}\n{dsae.results_markdown(metrics)}\n{dsae.README_END}\nafter\n"
