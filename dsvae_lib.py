@@ -73,7 +73,7 @@ class Config:
     judge_limit: int = 900          # first N test sequences (N/9 characters x 9 motions) for those metrics
     seed: int = 0
     device: str = "auto"            # "auto": CUDA if present, else CPU
-    compile: bool = False           # torch.compile the model
+    compile: bool | None = None     # torch.compile the training step; None: where it pays (compile_pays)
     bf16: bool = True               # bf16 autocast where the device supports it (CUDA, or a CPU with AVX-512 bf16/AMX)
     channels_last: bool = True      # channels-last memory format of the convolutions
     run_dir: str | None = None      # default runs/<profile>-<q_z>
@@ -127,7 +127,7 @@ def _checked(name, annotation, value):
     what = {"int": f"an integer {rule}", "float": f"a number {rule}", "bool": "true or false",
             "tuple": f"two numbers {rule}", "str": rule or "a string"}.get(kind, rule or kind)
     what = f"None or {what}".strip() if optional else what.strip()
-    if value is None and optional:
+    if optional and (value is None or isinstance(value, str) and value.lower() in ("none", "null")):
         return None
     try:
         if kind == "bool":
@@ -175,7 +175,8 @@ PROFILES = {
     "cpu": Profile(config=dict(channels=32, enc_hidden=1024, frame_dim=256, dec_hidden=1024, rnn_hidden=256,
                                epochs=16, lr=1e-3, lr_schedule="cosine", judge_every=2)),
     "smoke": Profile(config=dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64,
-                                 rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50),
+                                 rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50,
+                                 compile=False),  # 16 steps: compiling would never pay
                      judge=dict(width=16, epochs=4, lr=2e-3, train_limit=1800), test_limit=270,
                      figures="runs/smoke-figures", of_record=False),  # CI and the notebook tests: never figures/
 }
@@ -722,7 +723,8 @@ def reparameterize(mean, logvar, sample=True, generator=None):
     eps comes from `generator` when given (evaluation), else from the global RNG (training)."""
     if not sample:
         return mean
-    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = torch.randn_like(mean) if generator is None else \
+        torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)  # randn_like: compiles
     return mean + eps * torch.exp(0.5 * logvar)
 
 
@@ -995,6 +997,20 @@ def bf16_supported(device_type):
     return supported
 
 
+def compile_pays(config: Config, device):
+    """Whether the training step is compiled: config.compile when set; when None, where compiling was measured to
+    pay for itself (benchmarks/train_throughput.py, cpu profile, 2 cores): a CPU step in fp32 (no native bf16, or
+    bf16 off) with a C++ compiler present. There compile + channels_last took 2.01 s a step against 2.34 s (AMD
+    EPYC, AVX2; factorised q), and its 60 s of compiling were repaid after about 170 steps, a twentieth of an
+    epoch; the full q, whose RNNs break the graph, 2.30 s against 2.47 s. In bf16 on a CPU with AMX it was slower
+    (0.53 s against 0.48 s). CUDA is unmeasured: eager. Compiled steps draw their own noise (same distribution)."""
+    if config.compile is not None:
+        return config.compile
+    device = torch.device(device)
+    fp32 = not (config.bf16 and bf16_supported(device.type))
+    return device.type == "cpu" and fp32 and shutil.which(os.environ.get("CXX", "g++")) is not None
+
+
 def _autocast(device, bf16=True):
     """bf16 autocast where the device supports it (unless disabled), else full precision. Loss terms stay fp32."""
     device = torch.device(device)
@@ -1202,7 +1218,7 @@ def _train(config: Config, progress, change_lr, train_data, test_data):
     test_data = load_sprites("test") if test_data is None else test_data
     train_batches = Batches(train_data, config.batch_size, device, seed=config.seed, limit=config.train_limit)
     test_batches = Batches(test_data, 100, device, shuffle=False, limit=config.eval_limit)
-    step = torch.compile(model) if config.compile else model
+    step = torch.compile(model) if compile_pays(config, device) else model
     for epoch in range(start, config.epochs):
         model.train()
         train_batches.epoch = epoch
@@ -1500,7 +1516,7 @@ def _accuracy(probs, labels):
 
 
 @torch.no_grad()
-def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=True):
+def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=True, codes=None):
     """Every disentanglement metric on the test split, per sampling seed (a local generator per seed).
 
     1. f kept, z_1:T ~ p(z): judge accuracy of the 4 attributes (the paper's test);
@@ -1509,12 +1525,13 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
        resampled part drawn from the aggregate posterior (another test sequence's code) instead of the prior;
     4. reconstruction (f and z kept): per-pixel MSE (pixels in [0, 1]), PSNR, and the judge's accuracy on every
        head, the ceiling of every generation metric above.
+    `codes`: the posterior means (f, z) of these sequences when already computed (`encode_all(model, data, limit)`).
     Returns (per-seed rows, confusion matrices of the first seed: attributes with f kept, motion with z kept, and
     every head on the reconstructions under "recon: <head>").
     """
     from sklearn.metrics import confusion_matrix
     model.eval()
-    f, z = encode_all(model, data, limit)
+    f, z = encode_all(model, data, limit) if codes is None else codes
     n = len(f)
     labels = {h: v[:n] for h, v in labels_of(data).items()}
     balanced = balanced_subset(labels["motion"])
@@ -1552,14 +1569,14 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
 
 
 @torch.no_grad()
-def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
+def attribute_readings(model, judges, data: Sprites, limit=None, seed=0, codes=None):
     """The four attributes as each judge of `judges` ({name: judge}) reads them on the plain reconstructions and on
     the generations with f kept and z_1:T ~ p(z) (sampling seed `seed`, drawn as `evaluate` draws it): a DataFrame
     (judge x reading, %). With a judge trained on blurred real sequences it separates "f lost the colour" from
-    "the decoder blurs it"."""
+    "the decoder blurs it". `codes`: as in `evaluate`."""
     import pandas as pd
     model.eval()
-    f, z = encode_all(model, data, limit)
+    f, z = encode_all(model, data, limit) if codes is None else codes
     n = len(f)
     labels = labels_of(data)
     g = torch.Generator(model.device).manual_seed(seed)
@@ -1572,17 +1589,18 @@ def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
     return pd.DataFrame(rows).T
 
 
-def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=None):
+def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=None, test_codes=None):
     """What each latent holds, whether or not the decoder renders it: for every head, the test accuracy (%) of a
     linear read-out (multinomial logistic regression) from the posterior means of f and of z_1:T (flattened over t),
     fitted on the codes of the first `train_limit` training sequences (train_limit/9 characters x 9 motions) and
     scored on (the first `limit` of) the test split, whose characters the model never saw. A DataFrame (code x head).
-    f reading an attribute that the reconstructions lose points at the decoder; z reading one points at a leak."""
+    f reading an attribute that the reconstructions lose points at the decoder; z reading one points at a leak.
+    `test_codes`: the test split's posterior means (f, z) when already computed (`encode_all(model, test, limit)`)."""
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
     codes = {}
-    for name, data, n in (("train", train, train_limit), ("test", test, limit)):
-        f, z = encode_all(model, data, n)
+    for name, data, n, known in (("train", train, train_limit, None), ("test", test, limit, test_codes)):
+        f, z = encode_all(model, data, n) if known is None else known
         codes[name] = {"f": f.cpu().numpy(), "z_1:T": z.flatten(1).cpu().numpy()}
     n_train, n_test = len(codes["train"]["f"]), len(codes["test"]["f"])
     y_train = {h: v[:n_train] for h, v in labels_of(train).items()}
@@ -1742,7 +1760,8 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
               "published": PUBLISHED, "runs": {}}
     for q, path in runs.items():
         model, ckpt = loaded[q]
-        rows, confusions = evaluate(model, judge, test, seeds, jc.test_limit, progress)
+        codes = encode_all(model, test, jc.test_limit)  # once, for the judge protocol and the probe
+        rows, confusions = evaluate(model, judge, test, seeds, jc.test_limit, progress, codes=codes)
         summary = summarise(rows)
         result["runs"][q] = {"checkpoint": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
                              "checkpoint sha256": sha256(path),
@@ -1752,7 +1771,8 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
                                                   ("loss", "recon", "kl_f", "kl_z", "test_loss")},
                              "rows": rows, "summary": {k: dict(v) for k, v in summary.T.items()},
                              "confusions (first seed)": confusions,
-                             "latent probe %": latent_probe(model, train, test, limit=jc.test_limit).to_dict("index")}
+                             "latent probe %": latent_probe(model, train, test, limit=jc.test_limit,
+                                                              test_codes=codes).to_dict("index")}
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))

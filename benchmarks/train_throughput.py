@@ -10,6 +10,8 @@ on its own and reported as a fraction of the step time.
 """
 import argparse
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
@@ -23,6 +25,24 @@ MODES = {"fp32 eager": dict(bf16=False, channels_last=False, compile=False),
          "bf16": dict(bf16=True, channels_last=False, compile=False),
          "bf16 + channels_last": dict(bf16=True, channels_last=True, compile=False),
          "bf16 + channels_last + compile": dict(bf16=True, channels_last=True, compile=True)}
+
+
+def machine():
+    """The processor this ran on: its model name, logical cores, torch version and whether bf16 runs natively
+    (the speed-ups of the bf16 modes depend on all of them; without native bf16 they run in fp32)."""
+    import torch
+    import dsvae_lib as dsae
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "logical cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu bf16 native": dsae.bf16_supported("cpu"),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def measure(profile, mode, steps):
@@ -99,9 +119,13 @@ def main():
         saved = base["step_s"] - r["step_s"] if base else 0.0
         extra = r["warmup_s"] - 2 * r["step_s"]  # what the first two steps cost beyond two ordinary steps
         r["steps_to_pay_off"] = (max(extra, 0.0) / saved) if saved > 0 else float("inf")
-    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "steps": args.steps, "rows": rows},
-                                         indent=1))
-    print(f"\n{'profile':8}{'mode':33}{'params':>10}{'s/step':>10}{'seq/s':>9}{'data %':>8}{'speed-up':>10}"
+    host = machine()
+    Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": host, "steps": args.steps,
+                                          "rows": rows}, indent=1))
+    print(f"\n{host['cpu']}, {host['logical cores']} logical cores, torch {host['torch']}, "
+          f"bf16 {'native' if host['cpu bf16 native'] else 'not native: the bf16 modes ran in fp32'}"
+          + (f"; {host['cuda']}" if host["cuda"] else ""))
+    print(f"{'profile':8}{'mode':33}{'params':>10}{'s/step':>10}{'seq/s':>9}{'data %':>8}{'speed-up':>10}"
           f"{'warm-up s':>11}{'peak MiB':>10}")
     for r in rows:
         peak = r["peak_cuda_mib"] or r["peak_rss_mib"]

@@ -81,6 +81,9 @@ def test_evaluate_is_deterministic_and_complete(judge):
     torch.manual_seed(123)
     again, _ = dsae.evaluate(model, judge_model, test, seeds=(0, 1), limit=45, progress=False)
     assert rows == again
+    given, _ = dsae.evaluate(model, judge_model, test, seeds=(0, 1), limit=45, progress=False,
+                             codes=dsae.encode_all(model, test, 45))  # codes computed once by the caller
+    assert given == rows
     assert all(0.0 <= rows[0][f"recon: {h}"] <= 1.0 for h in dsae.HEADS)  # the judge on reconstructions
     assert rows[0]["recon: motion"] == rows[1]["recon: motion"]  # reconstructions draw no noise
     assert [r["seed"] for r in rows] == [0, 1]
@@ -166,3 +169,6 @@ def test_latent_probe_reads_what_a_code_holds_and_nothing_from_an_empty_one(trai
     for h in dsae.HEADS:
         assert table.loc["z_1:T", h] <= 100 * np.bincount(labels[h][:270]).max() / 270 + 1e-9
     assert table.loc["z_1:T", "motion"] == pytest.approx(100 / 9)
+    given = dsae.latent_probe(_PixelCodes(), train, test_split, train_limit=900, limit=270,
+                              test_codes=dsae.encode_all(_PixelCodes(), test_split, 270))
+    assert given.equals(table)

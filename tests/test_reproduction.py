@@ -1,5 +1,6 @@
 """bf16 on the CPU, disentanglement tracked during training, and the weights of record (smoke, real data)."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -13,18 +14,20 @@ def batch():
     return dsae.to_model_input(dsae.load_sprites("train").frames[:25])
 
 
-@pytest.mark.skipif(not dsae.bf16_supported("cpu"), reason="this CPU has no native bf16")
 @pytest.mark.parametrize("q_z", ["factorised", "full"])
 def test_bf16_elbo_is_within_one_percent_of_fp32(batch, q_z):
     """On a fixed batch and fixed noise, the bf16 autocast + channels_last ELBO and its terms stay in fp32 and
-    within 1 % of the fp32 eager ELBO, at the cpu profile's widths."""
+    within 1 % of the fp32 eager ELBO, at the cpu profile's widths. Where the CPU has no native bf16, training runs
+    fp32, and the same autocast is checked emulated (slower, with the same bf16 rounding)."""
     torch.manual_seed(0)
     config = dsae.make_config("cpu", q_z=q_z)
     model = dsae.build_model(config, "cpu").eval()
     terms = {}
     for bf16 in (False, True):
         torch.manual_seed(1)
-        with torch.no_grad(), dsae._autocast(torch.device("cpu"), bf16):
+        autocast = dsae._autocast(torch.device("cpu"), bf16) if dsae.bf16_supported("cpu") else \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        with torch.no_grad(), autocast:
             terms[bf16] = dsae.elbo_terms(model, batch)
     assert all(v.dtype == torch.float32 for v in terms[True].values())
     assert terms[True]["loss"].item() == pytest.approx(terms[False]["loss"].item(), rel=0.01)
@@ -45,6 +48,54 @@ def test_bf16_falls_back_to_fp32_with_a_notice(monkeypatch, capsys):
         assert capsys.readouterr().out.count("running in fp32") == 1
     finally:
         dsae.bf16_supported.cache_clear()
+
+
+def test_compile_is_used_where_it_pays_and_as_asked(monkeypatch, tmp_path):
+    """compile=None compiles the training step only on a CPU running fp32 with a C++ compiler; True/False are
+    obeyed; the smoke profile never compiles; and train() follows the decision."""
+    cpu = torch.device("cpu")
+    auto = dsae.make_config("cpu")
+    assert auto.compile is None and dsae.make_config("smoke").compile is False
+    assert dsae.make_config("cpu", compile="none").compile is None  # as `--set compile=none` gives it
+    assert dsae.compile_pays(dsae.make_config("cpu", compile=True), "cuda") is True
+    assert dsae.compile_pays(dsae.make_config("cpu", compile=False), cpu) is False
+    assert dsae.compile_pays(auto, "cuda") is False
+    monkeypatch.setenv("CXX", sys.executable)  # a program that exists, standing in for the C++ compiler
+    monkeypatch.setattr(dsae, "bf16_supported", lambda device_type: True)
+    assert dsae.compile_pays(auto, cpu) is False  # bf16 on AMX: measured slower compiled
+    assert dsae.compile_pays(dsae.make_config("cpu", bf16=False), cpu) is True
+    monkeypatch.setattr(dsae, "bf16_supported", lambda device_type: False)
+    assert dsae.compile_pays(auto, cpu) is True
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert dsae.compile_pays(auto, cpu) is False
+    monkeypatch.setenv("CXX", sys.executable)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    dsae.train(dsae.make_config("smoke", compile=None, epochs=1, run_dir=str(tmp_path / "auto")), progress=False)
+    assert len(compiled) == 1 and isinstance(compiled[0], dsae.DSAE)
+    dsae.train(dsae.make_config("smoke", epochs=1, run_dir=str(tmp_path / "off")), progress=False)
+    assert len(compiled) == 1
+
+
+@pytest.mark.parametrize("q_z", ["factorised", "full"])
+def test_compiled_training_steps_match_eager(batch, q_z):
+    """torch.compile of the training step (graph breaks at the RNNs of the full q included) gives the eager step's
+    loss and parameters, step after step (fp32, smoke widths), given the same noise: compiled code draws its own
+    random numbers unless told to take eager's (fallback_random)."""
+    import copy
+    import torch._inductor.config
+    config = dsae.make_config("smoke", q_z=q_z, bf16=False)
+    torch.manual_seed(0)
+    eager = dsae.build_model(config, "cpu")
+    compiled = copy.deepcopy(eager)
+    losses = {}
+    for name, model, step in (("eager", eager, eager), ("compiled", compiled, torch.compile(compiled))):
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        torch.manual_seed(1)
+        with torch._inductor.config.patch(fallback_random=True):  # each later loss depends on every earlier update
+            losses[name] = [dsae.train_step(step, optimizer, x, config)["loss"].item()
+                            for x in (batch, batch[:10], batch)]
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
 
 
 def test_disentanglement_is_logged_during_training(tmp_path):
