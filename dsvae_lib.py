@@ -1001,9 +1001,10 @@ def compile_pays(config: Config, device):
     """Whether the training step is compiled: config.compile when set; when None, where compiling was measured to
     pay for itself (benchmarks/train_throughput.py, cpu profile, 2 cores): a CPU step in fp32 (no native bf16, or
     bf16 off) with a C++ compiler present. There compile + channels_last took 2.01 s a step against 2.34 s (AMD
-    EPYC, AVX2; factorised q), and its 60 s of compiling were repaid after about 170 steps, a twentieth of an
-    epoch; the full q, whose RNNs break the graph, 2.30 s against 2.47 s. In bf16 on a CPU with AMX it was slower
-    (0.53 s against 0.48 s). CUDA is unmeasured: eager. Compiled steps draw their own noise (same distribution)."""
+    EPYC, AVX2; factorised q), and its 60 s of compiling were repaid after about 170 steps, within the first
+    epoch (360 steps); the full q, whose RNNs break the graph, took 2.30 s against 2.47 s. In bf16 on a CPU with
+    AMX it was slower (0.53 s against 0.48 s). CUDA is unmeasured: eager. Compiled steps draw their own noise (same
+    distribution), so a compiled run is not bit-identical to an eager one."""
     if config.compile is not None:
         return config.compile
     device = torch.device(device)
