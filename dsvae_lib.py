@@ -1570,14 +1570,14 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
 
 
 @torch.no_grad()
-def attribute_readings(model, judges, data: Sprites, limit=None, seed=0, codes=None):
+def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
     """The four attributes as each judge of `judges` ({name: judge}) reads them on the plain reconstructions and on
     the generations with f kept and z_1:T ~ p(z) (sampling seed `seed`, drawn as `evaluate` draws it): a DataFrame
     (judge x reading, %). With a judge trained on blurred real sequences it separates "f lost the colour" from
-    "the decoder blurs it". `codes`: as in `evaluate`."""
+    "the decoder blurs it"."""
     import pandas as pd
     model.eval()
-    f, z = encode_all(model, data, limit) if codes is None else codes
+    f, z = encode_all(model, data, limit)
     n = len(f)
     labels = labels_of(data)
     g = torch.Generator(model.device).manual_seed(seed)

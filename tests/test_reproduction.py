@@ -1,6 +1,5 @@
 """bf16 on the CPU, disentanglement tracked during training, and the weights of record (smoke, real data)."""
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -60,15 +59,16 @@ def test_compile_is_used_where_it_pays_and_as_asked(monkeypatch, tmp_path):
     assert dsae.compile_pays(dsae.make_config("cpu", compile=True), "cuda") is True
     assert dsae.compile_pays(dsae.make_config("cpu", compile=False), cpu) is False
     assert dsae.compile_pays(auto, "cuda") is False
-    monkeypatch.setenv("CXX", sys.executable)  # a program that exists, standing in for the C++ compiler
+    # whether a C++ compiler is on the path, without touching $CXX (torch reads it once, when inductor loads)
+    monkeypatch.setattr(dsae.shutil, "which", lambda name: f"/usr/bin/{name}")
     monkeypatch.setattr(dsae, "bf16_supported", lambda device_type: True)
     assert dsae.compile_pays(auto, cpu) is False  # bf16 on AMX: measured slower compiled
     assert dsae.compile_pays(dsae.make_config("cpu", bf16=False), cpu) is True
     monkeypatch.setattr(dsae, "bf16_supported", lambda device_type: False)
     assert dsae.compile_pays(auto, cpu) is True
-    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setattr(dsae.shutil, "which", lambda name: None)
     assert dsae.compile_pays(auto, cpu) is False
-    monkeypatch.setenv("CXX", sys.executable)
+    monkeypatch.setattr(dsae.shutil, "which", lambda name: f"/usr/bin/{name}")
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
     dsae.train(dsae.make_config("smoke", compile=None, epochs=1, run_dir=str(tmp_path / "auto")), progress=False)
@@ -80,8 +80,8 @@ def test_compile_is_used_where_it_pays_and_as_asked(monkeypatch, tmp_path):
 @pytest.mark.parametrize("q_z", ["factorised", "full"])
 def test_compiled_training_steps_match_eager(batch, q_z):
     """torch.compile of the training step (graph breaks at the RNNs of the full q included) gives the eager step's
-    loss and parameters, step after step (fp32, smoke widths), given the same noise: compiled code draws its own
-    random numbers unless told to take eager's (fallback_random)."""
+    loss, step after step (fp32, smoke widths; each loss after the first also checks the updates before it), given
+    the same noise: compiled code draws its own random numbers unless told to take eager's (fallback_random)."""
     import copy
     import torch._inductor.config
     config = dsae.make_config("smoke", q_z=q_z, bf16=False)
@@ -92,7 +92,7 @@ def test_compiled_training_steps_match_eager(batch, q_z):
     for name, model, step in (("eager", eager, eager), ("compiled", compiled, torch.compile(compiled))):
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         torch.manual_seed(1)
-        with torch._inductor.config.patch(fallback_random=True):  # each later loss depends on every earlier update
+        with torch._inductor.config.patch(fallback_random=True):
             losses[name] = [dsae.train_step(step, optimizer, x, config)["loss"].item()
                             for x in (batch, batch[:10], batch)]
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
