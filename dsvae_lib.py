@@ -71,6 +71,8 @@ class Config:
     eval_limit: int = 500           # test sequences for the per-epoch held-out ELBO
     judge_every: int = 0            # every k epochs, judge-protocol metrics on judge_limit test sequences (0: off)
     judge_limit: int = 900          # first N test sequences (N/9 characters x 9 motions) for those metrics
+    init: str | None = None         # warm start: the model state of a checkpoint or weights file of the same
+                                    # architecture (fresh optimiser and schedule; beyond the paper's training)
     seed: int = 0
     device: str = "auto"            # "auto": CUDA if present, else CPU
     compile: bool | None = None     # torch.compile the training step; None: where it pays (compile_pays)
@@ -1179,11 +1181,38 @@ def train(config: Config, progress=True, change_lr=False, train_data: Sprites | 
     with the last good checkpoint kept. One process at a time trains into a run folder (RunInUseError naming
     the other). change_lr=True resumes with config.lr instead of the checkpoint's (kept in its lr_changes).
     """
+    init = _warm_start(config)  # a bad init file is refused before anything is written
     with _run_lock(config.path):
-        return _train(config, progress, change_lr, train_data, test_data)
+        return _train(config, progress, change_lr, train_data, test_data, init)
 
 
-def _train(config: Config, progress, change_lr, train_data, test_data):
+ARCHITECTURE = ("f_dim", "z_dim", "q_z", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden")
+
+
+def _warm_start(config: Config):
+    """None, or {"model": state, "path", "sha256", "epochs", "seconds"} of `config.init` for a run that has not
+    started: a checkpoint or weights file whose architecture (ARCHITECTURE) is config's; ValueError naming the
+    differing fields otherwise. The run's checkpoints record under "init" the file's path, SHA-256, epochs and
+    training seconds."""
+    if config.init is None or (config.path / "checkpoint.pt").is_file():  # a resumed run has its own state
+        return None
+    path = Path(config.init)
+    if not path.is_file():
+        raise FileNotFoundError(f"init={config.init!r}: no such checkpoint or weights file; pass the path of a "
+                                f"training checkpoint (runs/<run>/checkpoint.pt) or a weights file (weights/*.pt)")
+    ckpt = _read_checkpoint(path, "cpu")
+    source = Config(**ckpt["config"])
+    diff = [f"{k}={getattr(source, k)!r} there, {getattr(config, k)!r} here" for k in ARCHITECTURE
+            if getattr(source, k) != getattr(config, k)]
+    if diff:
+        raise ValueError(f"init={config.init!r} holds another architecture ({', '.join(diff)}); warm-start from a "
+                         f"file of the same architecture, or set those fields to its values")
+    return {"model": {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
+            "path": str(path), "sha256": sha256(path), "epochs": ckpt["epoch"],
+            "seconds": sum(r.get("seconds", 0.0) for r in ckpt["history"])}
+
+
+def _train(config: Config, progress, change_lr, train_data, test_data, init=None):
     import pandas as pd
     device = pick_device(config.device)
     run = config.path
@@ -1211,6 +1240,9 @@ def _train(config: Config, progress, change_lr, train_data, test_data):
             lr_changes = [*lr_changes, {"epoch": start, "from": ckpt["config"]["lr"], "to": config.lr}]
         _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))  # a kill may have come between
         _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))  # checkpoint and these
+    elif init is not None:
+        model.load_state_dict(init["model"])
+    init_record = ckpt.get("init") if start else init and {k: init[k] for k in ("path", "sha256", "epochs", "seconds")}
     _atomic_write_text(run / "config.json", json.dumps(config.__dict__, indent=1, default=list))
     if start >= config.epochs:
         return model.eval(), history
@@ -1245,7 +1277,7 @@ def _train(config: Config, progress, change_lr, train_data, test_data):
         history.append(row)
         _atomic_save({"config": config.__dict__, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
-                      "lr_changes": lr_changes,
+                      "lr_changes": lr_changes, "init": init_record,
                       "rng": {"torch": torch.get_rng_state(),
                               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}, ckpt_path)
         _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))
@@ -1920,7 +1952,7 @@ def collect_study(run_dirs, out=None, keep=True):
     study = json.loads(Path(out).read_text()) if keep and out and Path(out).is_file() else {}
     for run in map(Path, run_dirs):
         ckpt = _read_checkpoint(run / "checkpoint.pt", "cpu")
-        study[run.name] = {"config": ckpt["config"], "history": ckpt["history"],
+        study[run.name] = {"config": ckpt["config"], "history": ckpt["history"], "init": ckpt.get("init"),
                            "parameters": sum(v.numel() for k, v in ckpt["model"].items()
                                              if "running" not in k and "num_batches" not in k)}
     if out:
@@ -1938,14 +1970,19 @@ def study_table(study, reference="cpu"):
     rows = {}
     for name, run in study.items():
         changed = {k: v for k, v in run["config"].items()
-                   if k not in ("run_dir", "judge_every", "judge_limit", "profile") and base.get(k) != v
+                   if k not in ("run_dir", "judge_every", "judge_limit", "profile", "init") and base.get(k) != v
                    and not (isinstance(v, list) and tuple(v) == base.get(k))}
         last = [r for r in run["history"] if "z kept: motion" in r][-1]
         motion, attributes = _ceiling(pd.DataFrame([last]))
-        rows[name] = {"changes": ", ".join(f"{k}={v}" for k, v in changed.items()) or "(profile values)",
+        init = run.get("init") or {}
+        changes = [f"{k}={v}" for k, v in changed.items()]
+        if init:  # a warm start: its epochs and wall time count the file's training too
+            changes.insert(0, f"warm start from {Path(init['path']).name} ({init['epochs']} epochs)")
+        rows[name] = {"changes": ", ".join(changes) or "(profile values)",
                       "paper's objective": "no" if beyond & set(changed) else "yes",
-                      "epochs": f"{last['epoch']} of {run['config']['epochs']}",
-                      "wall min": sum(r["seconds"] for r in run["history"]) / 60,
+                      "epochs": (f"{init['epochs']} + " if init else "")
+                                + f"{last['epoch']} of {run['config']['epochs']}",
+                      "wall min": (init.get("seconds", 0.0) + sum(r["seconds"] for r in run["history"])) / 60,
                       "parameters (M)": run["parameters"] / 1e6,
                       "z kept: motion %": 100 * last["z kept: motion"], "z kept: IS": last["z kept: IS"],
                       **{f"f kept: {a} %": 100 * last[f"f kept: {a}"] for a in ATTRIBUTES},
@@ -1958,14 +1995,15 @@ def study_table(study, reference="cpu"):
 
 
 def plot_study(study):
-    """Fixed-z motion accuracy and mean fixed-f attribute accuracy against training wall time, per configuration."""
+    """Fixed-z motion accuracy and mean fixed-f attribute accuracy against training wall time, per configuration
+    (a warm-started run from the end of its source's training)."""
     import matplotlib.pyplot as plt
     import pandas as pd
     fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
     colors, markers = plt.cm.tab20.colors, "os^Dv<>pPX*h"
     for i, (name, run) in enumerate(study.items()):  # a colour and a marker of its own for every run
         df = pd.DataFrame(run["history"])
-        df["wall minutes"] = df["seconds"].cumsum() / 60
+        df["wall minutes"] = ((run.get("init") or {}).get("seconds", 0.0) + df["seconds"].cumsum()) / 60
         df = df.dropna(subset=["z kept: motion"])
         for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
             ax.plot(df["wall minutes"], 100 * df[key], marker=markers[i % len(markers)],
@@ -2477,7 +2515,8 @@ def main(argv=None):
         parser.error(str(e))
     try:
         _command(parser, args, profile)
-    except (SheetError, CacheError, CheckpointError, RunInUseError, FloatingPointError, ValueError) as e:
+    except (SheetError, CacheError, CheckpointError, RunInUseError, FloatingPointError, ValueError,
+            FileNotFoundError) as e:
         parser.exit(1, f"error: {e}\n")
 
 

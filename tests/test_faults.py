@@ -271,8 +271,8 @@ def test_config_values_are_coerced_and_the_command_line_writes_nothing_when_bad(
     config = dsae.make_config("smoke", epochs="3", lr="1e-3", train_limit=50.0, run_dir=tmp_path / "r")
     assert (config.epochs, config.lr, config.train_limit, config.run_dir) == (3, 1e-3, 50, str(tmp_path / "r"))
     assert type(config.epochs) is int and type(config.lr) is float
-    for bad in ("epochs=-1", "batch_size=0", "train_limit=0", "epochs=abc", "lr=-1"):
-        run = tmp_path / bad.replace("=", "_")
+    for bad in ("epochs=-1", "batch_size=0", "train_limit=0", "epochs=abc", "lr=-1", f"init={tmp_path}/none.pt"):
+        run = tmp_path / bad.replace("=", "_").replace("/", "_")
         out = cli("train", "--profile", "smoke", "--set", f"run_dir={run}", bad)
         assert out.returncode != 0 and bad.split("=")[0] in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert not run.exists()

@@ -224,3 +224,30 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     dsae.update_readme(tmp_path / "metrics.json", copy)
     assert copy.read_text() == f"before\n{dsae.README_BEGIN}\n{dsae.results_markdown(metrics)}\n{dsae.README_END}\nafter\n"
+
+
+def test_warm_start_begins_from_the_given_weights_and_refuses_another_architecture(tmp_path):
+    """init=<weights file>: the run starts from that model state (with a fresh optimiser), records the file's
+    SHA-256, epochs and training time, and the study counts them; a file of another architecture, or no file, is
+    refused before a run folder exists."""
+    dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "a")), progress=False)
+    weights = dsae.export_weights(tmp_path / "a" / "checkpoint.pt", tmp_path / "w.pt")
+    source = torch.load(weights, weights_only=False)["model"]
+    warm = dsae.make_config("smoke", run_dir=str(tmp_path / "b"), init=str(weights), epochs=1, lr=1e-12,
+                            judge_every=1, judge_limit=90)
+    model, _ = dsae.train(warm, progress=False)
+    for name, p in model.named_parameters():  # lr 1e-12: the weights are still those of the file
+        torch.testing.assert_close(p.detach(), source[name].float(), rtol=0, atol=1e-6)
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert ckpt["init"] == {"path": str(weights), "sha256": dsae.sha256(weights), "epochs": 2,
+                            "seconds": sum(r["seconds"] for r in torch.load(weights, weights_only=False)["history"])}
+    row = dsae.study_table(dsae.collect_study([tmp_path / "b"]), reference="smoke").loc["b"]
+    assert row["changes"] == "warm start from w.pt (2 epochs), epochs=1, lr=1e-12" and row["epochs"] == "2 + 1 of 1"
+    assert row["wall min"] == pytest.approx((ckpt["init"]["seconds"] + ckpt["history"][0]["seconds"]) / 60)
+    cold, _ = dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "c"), epochs=1, lr=1e-12), progress=False)
+    assert max((p - source[n].float()).abs().max().item() for n, p in cold.named_parameters()) > 1e-3
+    with pytest.raises(ValueError, match=r"another architecture \(channels=8 there, 4 here\)"):
+        dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "d"), init=str(weights), channels=4))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint or weights file"):
+        dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "e"), init=str(tmp_path / "none.pt")))
+    assert not (tmp_path / "d").exists() and not (tmp_path / "e").exists()
