@@ -1190,10 +1190,9 @@ ARCHITECTURE = ("f_dim", "z_dim", "q_z", "channels", "enc_hidden", "frame_dim", 
 
 
 def _warm_start(config: Config):
-    """None, or {"model": state, "path", "sha256", "epochs", "seconds"} of `config.init` for a run that has not
-    started: a checkpoint or weights file whose architecture (ARCHITECTURE) is config's; ValueError naming the
-    differing fields otherwise. The run's checkpoints record under "init" the file's path, SHA-256, epochs and
-    training seconds."""
+    """None, or {"model": state, "record": {"path", "sha256", "epochs", "seconds"}} of `config.init` for a run that
+    has not started: a checkpoint or weights file whose architecture (ARCHITECTURE) is config's; ValueError naming
+    the differing fields otherwise. The run's checkpoints keep the record under "init"."""
     if config.init is None or (config.path / "checkpoint.pt").is_file():  # a resumed run has its own state
         return None
     path = Path(config.init)
@@ -1207,9 +1206,9 @@ def _warm_start(config: Config):
     if diff:
         raise ValueError(f"init={config.init!r} holds another architecture ({', '.join(diff)}); warm-start from a "
                          f"file of the same architecture, or set those fields to its values")
-    return {"model": {k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()},
-            "path": str(path), "sha256": sha256(path), "epochs": ckpt["epoch"],
-            "seconds": sum(r.get("seconds", 0.0) for r in ckpt["history"])}
+    return {"model": ckpt["model"],  # a half-precision state loads into the fp32 model as in load_checkpoint
+            "record": {"path": str(path), "sha256": sha256(path), "epochs": ckpt["epoch"],
+                       "seconds": sum(r.get("seconds", 0.0) for r in ckpt["history"])}}
 
 
 def _train(config: Config, progress, change_lr, train_data, test_data, init=None):
@@ -1242,7 +1241,7 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
         _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))  # checkpoint and these
     elif init is not None:
         model.load_state_dict(init["model"])
-    init_record = ckpt.get("init") if start else init and {k: init[k] for k in ("path", "sha256", "epochs", "seconds")}
+    init_record = ckpt.get("init") if start else init and init["record"]
     _atomic_write_text(run / "config.json", json.dumps(config.__dict__, indent=1, default=list))
     if start >= config.epochs:
         return model.eval(), history

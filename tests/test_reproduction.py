@@ -232,7 +232,8 @@ def test_warm_start_begins_from_the_given_weights_and_refuses_another_architectu
     refused before a run folder exists."""
     dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "a")), progress=False)
     weights = dsae.export_weights(tmp_path / "a" / "checkpoint.pt", tmp_path / "w.pt")
-    source = torch.load(weights, weights_only=False)["model"]
+    saved = torch.load(weights, weights_only=False)
+    source = saved["model"]
     warm = dsae.make_config("smoke", run_dir=str(tmp_path / "b"), init=str(weights), epochs=1, lr=1e-12,
                             judge_every=1, judge_limit=90)
     model, _ = dsae.train(warm, progress=False)
@@ -240,7 +241,7 @@ def test_warm_start_begins_from_the_given_weights_and_refuses_another_architectu
         torch.testing.assert_close(p.detach(), source[name].float(), rtol=0, atol=1e-6)
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert ckpt["init"] == {"path": str(weights), "sha256": dsae.sha256(weights), "epochs": 2,
-                            "seconds": sum(r["seconds"] for r in torch.load(weights, weights_only=False)["history"])}
+                            "seconds": sum(r["seconds"] for r in saved["history"])}
     row = dsae.study_table(dsae.collect_study([tmp_path / "b"]), reference="smoke").loc["b"]
     assert row["changes"] == "warm start from w.pt (2 epochs), epochs=1, lr=1e-12" and row["epochs"] == "2 + 1 of 1"
     assert row["wall min"] == pytest.approx((ckpt["init"]["seconds"] + ckpt["history"][0]["seconds"]) / 60)
