@@ -1273,6 +1273,7 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
             t0 = time.time()
             rows, _ = evaluate(model, judge, test_data, seeds=(0,), limit=config.judge_limit, progress=False)
             row.update({k: v for k, v in rows[0].items() if k != "seed"}, judge_seconds=time.time() - t0)
+            row["judge sha256"] = judge.sha256  # judges retrained on another machine read differently
         history.append(row)
         _atomic_save({"config": config.__dict__, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
@@ -1457,7 +1458,8 @@ def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_dat
 
     The default file is keyed by the data's cache folder (sheet checksums, protocol version) and the judge config,
     so the judge is retrained only when it is missing or the data changes; data not loaded by `load_sprites`
-    has no such key, and its judge is saved only to an explicit `path`. Returns (judge in eval mode, test accuracy).
+    has no such key, and its judge is saved only to an explicit `path`. Returns (judge in eval mode, test accuracy);
+    `judge.sha256` is the SHA-256 of its file (None when it has none), which every metric it reads is recorded with.
     """
     train_data = load_sprites("train") if train_data is None else train_data
     data_key = train_data.source
@@ -1469,6 +1471,7 @@ def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_dat
     if path is not None and path.is_file():
         saved = torch.load(path, map_location=device, weights_only=False)
         judge.load_state_dict(saved["model"])
+        judge.sha256 = sha256(path)
         return judge.eval(), saved["test_accuracy"]
     seed_everything(config.seed)
     test_data = load_sprites("test") if test_data is None else test_data
@@ -1494,6 +1497,7 @@ def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_dat
     if path is not None:
         _atomic_save({"model": judge.state_dict(), "config": config.__dict__, "data": data_key,
                       "test_accuracy": accuracy}, path)
+    judge.sha256 = sha256(path) if path is not None else None
     return judge.eval(), accuracy
 
 
@@ -1680,7 +1684,9 @@ def results_markdown(metrics):
     lines = [f"Profile `{metrics['profile']}`; data `{metrics['data']}`; all {metrics['test sequences']} test sequences; "
              f"mean ± standard deviation over sampling seeds {', '.join(map(str, metrics['seeds']))}; judge accuracy "
              f"on the real test split: " + ", ".join(f"{h} {100 * v:.1f} %" for h, v in
-                                                   metrics["judge"]["test accuracy"].items()) + ".", ""]
+                                                   metrics["judge"]["test accuracy"].items())
+             + (f" (judge file SHA-256 `{judge_sha[:16]}…`)" if (judge_sha := metrics["judge"].get("sha256")) else "")
+             + ".", ""]
     for q, run in runs.items():
         c = run["config"]
         lines.append(f"- q(z) {q}: `{run['checkpoint']}` (SHA-256 `{run['checkpoint sha256'][:16]}…`), "
@@ -1788,7 +1794,8 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
     test, train = load_sprites("test"), load_sprites("train")
     judge = judge.to(device)
     result = {"profile": profile, "data": build_cache().name, "test sequences": jc.test_limit or len(test),
-              "seeds": list(seeds), "judge": {"config": jc.__dict__, "test accuracy": judge_acc},
+              "seeds": list(seeds),
+              "judge": {"config": jc.__dict__, "test accuracy": judge_acc, "sha256": judge.sha256},
               "published": PUBLISHED, "runs": {}}
     for q, path in runs.items():
         model, ckpt = loaded[q]
@@ -1961,7 +1968,8 @@ def collect_study(run_dirs, out=None, keep=True):
 
 def study_table(study, reference="cpu"):
     """One row per configuration: what differs from `reference`'s profile values, whether that stays within the
-    paper's model and objective, the last logged metrics, epochs, wall time and parameters."""
+    paper's model and objective, the last logged metrics, epochs, wall time, parameters and the judge file that
+    read them (first 12 hex digits of its SHA-256)."""
     import pandas as pd
     base = make_config(reference).__dict__
     beyond = {"beta_f", "beta_z", "likelihood_var"}  # KL weights other than 1, or another likelihood scale than
@@ -1989,7 +1997,8 @@ def study_table(study, reference="cpu"):
                       "swap: attributes of a %": 100 * last["swap: attributes of a"],
                       "recon: motion %": 100 * float(motion.iloc[0]),
                       "recon: attributes %": 100 * float(attributes.iloc[0]),
-                      "KL_f": last["kl_f"], "KL_z": last["kl_z"], "test -ELBO": last["test_loss"]}
+                      "KL_f": last["kl_f"], "KL_z": last["kl_z"], "test -ELBO": last["test_loss"],
+                      "judge": (last.get("judge sha256") or "not recorded")[:12]}  # rows of one judge compare
     return pd.DataFrame(rows).T
 
 

@@ -64,7 +64,7 @@ def test_judge_is_reused_not_retrained(judge, tmp_path, monkeypatch):
     dsae._atomic_save({"model": first.state_dict(), "test_accuracy": accuracy}, path)
     monkeypatch.setattr(dsae, "Batches", lambda *a, **k: pytest.fail("the saved judge was retrained"))
     again, acc2 = dsae.train_judge(config, path=path)
-    assert acc2 == accuracy
+    assert acc2 == accuracy and again.sha256 == dsae.sha256(path)
     x = dsae.to_model_input(dsae.load_sprites("test").frames[:5])
     with torch.no_grad():
         assert all(torch.equal(first(x)[h], again(x)[h]) for h in dsae.HEADS)
@@ -112,8 +112,9 @@ def test_judge_trains_on_the_data_it_is_given(train, test_split, monkeypatch, tm
     config = dsae.JudgeConfig(width=4, epochs=1, train_limit=90, test_limit=18)
     judge, accuracy = dsae.train_judge(config, small, test_split, progress=False)
     assert set(accuracy) == set(dsae.HEADS) and not list((dsae.ROOT / "runs").glob("judge-None*"))
-    dsae.train_judge(config, small, test_split, path=tmp_path / "j.pt", progress=False)
-    assert (tmp_path / "j.pt").is_file()
+    assert judge.sha256 is None  # no file, so nothing to name it by
+    saved, _ = dsae.train_judge(config, small, test_split, path=tmp_path / "j.pt", progress=False)
+    assert (tmp_path / "j.pt").is_file() and saved.sha256 == dsae.sha256(tmp_path / "j.pt")
 
 
 def test_judge_under_blur_measures_real_sequences_made_less_sharp(judge):

@@ -107,6 +107,8 @@ def test_disentanglement_is_logged_during_training(tmp_path):
             "swap: motion of b", "judge_seconds"]
     assert all(k in row for row in history for k in keys)
     assert all(0.0 <= row["f kept: attributes"] <= 1.0 and 1.0 <= row["z kept: IS"] <= 9.0 for row in history)
+    judge_file, = (dsae.ROOT / "runs").glob(f"judge-*-{dsae.judge_config('smoke').key()}.pt")
+    assert {row["judge sha256"] for row in history} == {dsae.sha256(judge_file)}  # which judge read them
     csv = (tmp_path / "tracked" / "metrics.csv").read_text().splitlines()[0]
     assert "z kept: motion" in csv and "f kept: attributes" in csv
     _, plain = dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "plain")), progress=False)
@@ -118,6 +120,7 @@ def test_disentanglement_is_logged_during_training(tmp_path):
     row = dsae.study_table(study, reference="smoke").loc["tracked"]
     assert row["changes"] == "(profile values)" and row["paper's objective"] == "yes" and row["epochs"] == "2 of 2"
     assert row["z kept: motion %"] == pytest.approx(100 * history[-1]["z kept: motion"])
+    assert row["judge"] == dsae.sha256(judge_file)[:12]
     assert json.loads((tmp_path / "study.json").read_text())["tracked"]["history"] == history
     many = {f"run {i}": study["tracked"] for i in range(13)}  # every run of a study is told apart in its figure
     lines = [line for line in dsae.plot_study(many).axes[0].get_lines() if line.get_label().startswith("run")]
@@ -219,6 +222,8 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     assert section.strip() == dsae.results_markdown(metrics).strip()
     for q, run in metrics["runs"].items():
         assert dsae.sha256(dsae.ROOT / run["checkpoint"]) == run["checkpoint sha256"], q
+    judged = {**metrics, "judge": {**metrics["judge"], "sha256": "0123456789abcdef" * 4}}
+    assert "(judge file SHA-256 `0123456789abcdef…`)." in dsae.results_markdown(judged)  # when it is recorded
     copy = tmp_path / "README.md"
     copy.write_text(f"before\n{dsae.README_BEGIN}\nold\n{dsae.README_END}\nafter\n")
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
