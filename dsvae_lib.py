@@ -52,6 +52,8 @@ class Config:
     f_dim: int = 256             # content f
     z_dim: int = 32              # dynamics z_t
     q_z: str = "factorised"      # q(z|x): "factorised" (per frame) or "full" (conditioned on f, Eq. 6)
+    f_mirror: bool = False       # q(f|x) reads x_1:T and its left-right mirror image, so f is blind to the facing
+                                 # (left/right), which z must then carry (beyond the paper; no parameters)
     channels: int = 256          # every convolution of encoder and decoder
     enc_hidden: int = 4096       # affine 8*8*channels -> enc_hidden -> frame_dim
     frame_dim: int = 2048        # frame encoding fed to the posteriors
@@ -858,13 +860,14 @@ class DSAE(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
-    def encode(self, x, sample=True) -> Posterior:
-        """q(f|x) q(z|x[, f]); with sample=False, f and z are the posterior means."""
+    def encode(self, x, sample=True, generator=None) -> Posterior:
+        """q(f|x) q(z|x[, f]); with sample=False, f and z are the posterior means; samples draw from `generator`
+        when given."""
         h = self.encoder(x)
-        f_mean, f_logvar = self.q_f(h)
-        f = reparameterize(f_mean, f_logvar, sample)
+        f_mean, f_logvar = self.q_f((h + self.encoder(x.flip(-1))) / 2 if self.config.f_mirror else h)
+        f = reparameterize(f_mean, f_logvar, sample, generator)
         z_mean, z_logvar = self.q_z(h, f)
-        return Posterior(f_mean, f_logvar, f, z_mean, z_logvar, reparameterize(z_mean, z_logvar, sample))
+        return Posterior(f_mean, f_logvar, f, z_mean, z_logvar, reparameterize(z_mean, z_logvar, sample, generator))
 
     def decode(self, f, z):
         """Mean of p(x_1:T | z_1:T, f), pixels in [-1, 1]."""
@@ -1625,13 +1628,33 @@ def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
     return pd.DataFrame(rows).T
 
 
-def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=None, test_codes=None):
+@torch.no_grad()
+def _encoder_stages(model, data: Sprites, n, generator=None, batch_size=100):
+    """The encoder's frame features h_1:T averaged over t of the first n sequences, and with a generator one sample
+    of q(f|x) each (else None)."""
+    model.eval()
+    hs, fs = [], []
+    with _autocast(model.device, model.config.bf16):
+        for i in range(0, n, batch_size):
+            x = to_model_input(data.frames[i:min(i + batch_size, n)], model.device)
+            hs.append(model.encoder(x).float().mean(1).cpu())
+            if generator is not None:
+                fs.append(model.encode(x, generator=generator).f.float().cpu())
+    return torch.cat(hs).numpy(), torch.cat(fs).numpy() if fs else None
+
+
+def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=None, test_codes=None, stages=False,
+                 seed=0):
     """What each latent holds, whether or not the decoder renders it: for every head, the test accuracy (%) of a
     linear read-out (multinomial logistic regression) from the posterior means of f and of z_1:T (flattened over t),
     fitted on the codes of the first `train_limit` training sequences (train_limit/9 characters x 9 motions) and
     scored on (the first `limit` of) the test split, whose characters the model never saw. A DataFrame (code x head).
     f reading an attribute that the reconstructions lose points at the decoder; z reading one points at a leak.
-    `test_codes`: the test split's posterior means (f, z) when already computed (`encode_all(model, test, limit)`)."""
+    `test_codes`: the test split's posterior means (f, z) when already computed (`encode_all(model, test, limit)`).
+    With `stages`, two more rows follow a factor from the frames to the decoder's input: "h" is a read-out of the
+    encoder's frame features averaged over t (what reaches q(f|x)), and "f sample" scores f's read-out on one sample of
+    q(f|x) per test sequence (local generator `seed`), the code the decoder is trained on. A factor lost in h is lost by
+    the encoder; one read from the mean of f but not from its samples is held with too little precision to draw."""
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
     codes = {}
@@ -1639,15 +1662,35 @@ def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=N
         f, z = encode_all(model, data, n) if known is None else known
         codes[name] = {"f": f.cpu().numpy(), "z_1:T": z.flatten(1).cpu().numpy()}
     n_train, n_test = len(codes["train"]["f"]), len(codes["test"]["f"])
+    if stages:
+        g = torch.Generator(model.device).manual_seed(seed)
+        codes["train"]["h"] = _encoder_stages(model, train, n_train)[0]
+        codes["test"]["h"], codes["test"]["f sample"] = _encoder_stages(model, test, n_test, g)
     y_train = {h: v[:n_train] for h, v in labels_of(train).items()}
     y_test = {h: v[:n_test] for h, v in labels_of(test).items()}
     rows = {}
-    for code in ("f", "z_1:T"):
+    for code in ("f", "z_1:T") + (("h",) if stages else ()):
         mean, std = codes["train"][code].mean(0), codes["train"][code].std(0) + 1e-6
-        x_train, x_test = (codes["train"][code] - mean) / std, (codes["test"][code] - mean) / std
-        rows[code] = {h: 100 * LogisticRegression(max_iter=2000).fit(x_train, y_train[h]).score(x_test, y_test[h])
-                      for h in HEADS}
-    return pd.DataFrame(rows).T.rename_axis("code")
+        scored = ((code, code),) + ((("f sample", "f sample"),) if stages and code == "f" else ())
+        for head in HEADS:
+            probe = LogisticRegression(max_iter=2000).fit((codes["train"][code] - mean) / std, y_train[head])
+            for row, test_code in scored:
+                rows.setdefault(row, {})[head] = 100 * probe.score((codes["test"][test_code] - mean) / std,
+                                                                   y_test[head])
+    order = [c for c in ("h", "f", "f sample", "z_1:T") if c in rows]
+    return pd.DataFrame(rows).T.loc[order].rename_axis("code")
+
+
+def motion_breakdown(confusion):
+    """A 9-way motion confusion (rows: the true motion, columns: the one read; MOTIONS order) split into its two
+    factors, % of all sequences: the motion, the action and the direction read right, and left and right swapped with
+    the action read right. The direction is constant within a sequence, so it is static information that the ELBO
+    can keep in f as cheaply as in z; the split shows which of the two the generations lose."""
+    c = np.asarray(confusion, dtype=float).reshape(len(ACTIONS), len(DIRECTIONS), len(ACTIONS), len(DIRECTIONS))
+    left, right = DIRECTIONS.index("left"), DIRECTIONS.index("right")
+    reads = {"motion": np.einsum("adad->", c), "action": np.einsum("adae->", c), "direction": np.einsum("adbd->", c),
+             "left/right swapped": np.trace(c[:, left, :, right]) + np.trace(c[:, right, :, left])}
+    return {k: float(100 * v / c.sum()) for k, v in reads.items()}
 
 
 def summarise(rows):
@@ -1701,6 +1744,11 @@ def results_markdown(metrics):
                      f"{num(s, 'z kept: IS')} | {num(s, 'z kept: H(y|x)')} | {num(s, 'z kept: H(y)')} |")
     for name, row in metrics["published"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row.values()) + " |")
+    split = {q: motion_breakdown(run["confusions (first seed)"]["motion"]) for q, run in runs.items()}
+    lines += ["", "The motion read in those generations, split into its factors (first sampling seed's confusion, % of "
+              "the test sequences; `motion_breakdown`):", "",
+              "| | motion % | action % | direction % | left/right swapped, action right % |", "| --- |" + " --- |" * 4]
+    lines += [f"| ours, {q} q | " + " | ".join(f"{v:.1f}" for v in split[q].values()) + " |" for q in runs]
     rows = [("f kept, z ~ p(z): {} %", [f"f kept: {a}" for a in ATTRIBUTES]),
             ("f kept, z of another sequence: {} %", [f"swap: {a} of a" for a in ATTRIBUTES]),
             ("z kept, f of another sequence: motion %", ["swap: motion of b"]),
@@ -1811,7 +1859,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
                              "rows": rows, "summary": {k: dict(v) for k, v in summary.T.items()},
                              "confusions (first seed)": confusions,
                              "latent probe %": latent_probe(model, train, test, limit=jc.test_limit,
-                                                              test_codes=codes).to_dict("index")}
+                                                              test_codes=codes, stages=True).to_dict("index")}
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))
@@ -1972,8 +2020,8 @@ def study_table(study, reference="cpu"):
     read them (first 12 hex digits of its SHA-256)."""
     import pandas as pd
     base = make_config(reference).__dict__
-    beyond = {"beta_f", "beta_z", "likelihood_var"}  # KL weights other than 1, or another likelihood scale than
-    # the SSE, change the paper's objective
+    beyond = {"beta_f", "beta_z", "likelihood_var", "f_mirror"}  # KL weights other than 1, or another likelihood
+    # scale than the SSE, change the paper's objective; a mirror-invariant q(f|x) changes its model
     rows = {}
     for name, run in study.items():
         changed = {k: v for k, v in run["config"].items()
@@ -1986,7 +2034,7 @@ def study_table(study, reference="cpu"):
         if init:  # a warm start: its epochs and wall time count the file's training too
             changes.insert(0, f"warm start from {Path(init['path']).name} ({init['epochs']} epochs)")
         rows[name] = {"changes": ", ".join(changes) or "(profile values)",
-                      "paper's objective": "no" if beyond & set(changed) else "yes",
+                      "paper's model and objective": "no" if beyond & set(changed) else "yes",
                       "epochs": (f"{init['epochs']} + " if init else "")
                                 + f"{last['epoch']} of {run['config']['epochs']}",
                       "wall min": (init.get("seconds", 0.0) + sum(r["seconds"] for r in run["history"])) / 60,

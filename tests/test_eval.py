@@ -36,6 +36,22 @@ def test_balanced_subset():
     assert np.bincount(labels[idx]).tolist() == [3, 3, 3] and len(set(idx)) == 9
 
 
+def test_motion_breakdown_splits_action_and_direction():
+    """Every motion read right; then half of spellcard-left read as spellcard-right and all of slash-front read as
+    walk-front: the action loses the slashes, the direction and the left/right swaps only the spellcards."""
+    m = lambda a, d: dsae.motion_index(dsae.ACTIONS.index(a), dsae.DIRECTIONS.index(d))
+    confusion = np.eye(9) * 10
+    assert dsae.motion_breakdown(confusion) == {"motion": 100, "action": 100, "direction": 100,
+                                                "left/right swapped": 0}
+    confusion[m("spellcard", "left"), m("spellcard", "left")] = 5
+    confusion[m("spellcard", "left"), m("spellcard", "right")] = 5
+    confusion[m("slash", "front"), m("slash", "front")] = 0
+    confusion[m("slash", "front"), m("walk", "front")] = 10
+    got = dsae.motion_breakdown(confusion.tolist())
+    assert got == pytest.approx({"motion": 100 * 75 / 90, "action": 100 * 80 / 90, "direction": 100 * 85 / 90,
+                                 "left/right swapped": 100 * 5 / 90})
+
+
 def test_published_row_and_limits():
     table = dsae.judge_protocol_table({})
     assert table.loc["DSVAE (published)"].tolist() == ["90.73", "8.384", "0.072", "2.192"]
@@ -173,3 +189,18 @@ def test_latent_probe_reads_what_a_code_holds_and_nothing_from_an_empty_one(trai
     given = dsae.latent_probe(_PixelCodes(), train, test_split, train_limit=900, limit=270,
                               test_codes=dsae.encode_all(_PixelCodes(), test_split, 270))
     assert given.equals(table)
+
+
+def test_latent_probe_stages_follow_a_factor_from_the_frames_to_a_sample_of_f(train, test_split):
+    """With stages: h (the encoder's features) of an untrained model still reads hair from the real frames, while a
+    sample of its q(f|x) (unit variance at initialisation) reads no head above chance; the samples come from the
+    local generator `seed`, and only that row depends on it."""
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke", q_z="full")).eval()
+    table = dsae.latent_probe(model, train, test_split, train_limit=540, limit=270, stages=True)
+    assert list(table.index) == ["h", "f", "f sample", "z_1:T"] and list(table.columns) == list(dsae.HEADS)
+    assert table.loc["h", "hair"] >= 80 and table.loc["h", "motion"] >= 95
+    assert (table.loc["f sample"] <= 30).all() and table.loc["f", "motion"] >= 60
+    other = dsae.latent_probe(model, train, test_split, train_limit=540, limit=270, stages=True, seed=1)
+    assert other.drop("f sample").equals(table.drop("f sample")) and not other.loc["f sample"].equals(table.loc["f sample"])
+

@@ -118,7 +118,11 @@ def test_disentanglement_is_logged_during_training(tmp_path):
         dsae.plot_disentanglement_history(plain)
     study = dsae.collect_study([tmp_path / "tracked", tmp_path / "plain"][:1], out=tmp_path / "study.json")
     row = dsae.study_table(study, reference="smoke").loc["tracked"]
-    assert row["changes"] == "(profile values)" and row["paper's objective"] == "yes" and row["epochs"] == "2 of 2"
+    assert row["changes"] == "(profile values)" and row["paper's model and objective"] == "yes" and row["epochs"] == "2 of 2"
+    for change in ({"f_mirror": True}, {"beta_z": 2.0}):  # a mirror-invariant q(f|x), a KL weight: beyond the paper
+        other = dsae.study_table({"x": {**study["tracked"], "config": {**study["tracked"]["config"], **change}}},
+                                 reference="smoke").loc["x"]
+        assert other["paper's model and objective"] == "no" and other["changes"] == "{}={}".format(*change.popitem())
     assert row["z kept: motion %"] == pytest.approx(100 * history[-1]["z kept: motion"])
     assert row["judge"] == dsae.sha256(judge_file)[:12]
     assert json.loads((tmp_path / "study.json").read_text())["tracked"]["history"] == history
