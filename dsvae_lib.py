@@ -1671,12 +1671,11 @@ def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=N
     rows = {}
     for code in ("f", "z_1:T") + (("h",) if stages else ()):
         mean, std = codes["train"][code].mean(0), codes["train"][code].std(0) + 1e-6
-        scored = ((code, code),) + ((("f sample", "f sample"),) if stages and code == "f" else ())
+        scored = (code,) + (("f sample",) if stages and code == "f" else ())  # f's probe also reads its samples
         for head in HEADS:
             probe = LogisticRegression(max_iter=2000).fit((codes["train"][code] - mean) / std, y_train[head])
-            for row, test_code in scored:
-                rows.setdefault(row, {})[head] = 100 * probe.score((codes["test"][test_code] - mean) / std,
-                                                                   y_test[head])
+            for row in scored:
+                rows.setdefault(row, {})[head] = 100 * probe.score((codes["test"][row] - mean) / std, y_test[head])
     order = [c for c in ("h", "f", "f sample", "z_1:T") if c in rows]
     return pd.DataFrame(rows).T.loc[order].rename_axis("code")
 
