@@ -165,19 +165,30 @@ def _checked(name, annotation, value):
 @dataclass(frozen=True)
 class Profile:
     """A named profile: model and training config, the judge, how many test sequences the metrics use and
-    where its figures go. `of_record`: its report is the one the repository keeps (notebooks/, figures/)."""
+    where its figures go. `of_record`: its report is the one the repository keeps (notebooks/, figures/).
+    `ablations`: profiles beyond the paper that its report evaluates beside it (`evaluate_ablations`); `note`
+    says what such a profile changes."""
     config: dict = field(default_factory=dict)   # Config fields over the paper defaults
     judge: dict = field(default_factory=dict)    # JudgeConfig fields over its defaults
     test_limit: int | None = None                # metrics and latent embeddings on the first N test sequences
     figures: str = "figures"                     # folder (relative to the repository) of figures and metrics.json
     of_record: bool = True
+    ablations: tuple = ()  # profiles beyond the paper that its report shows beside it (figures in <figures>/<name>)
+    note: str = ""         # what an ablation changes, said wherever its results are
 
 
+_CPU = dict(channels=32, enc_hidden=1024, frame_dim=256, dec_hidden=1024, rnn_hidden=256, epochs=16, lr=1e-3,
+            lr_schedule="cosine", judge_every=2)  # the cpu profile: the paper's model at half width, 16 epochs
 PROFILES = {
     "paper": Profile(),
     "gpu": Profile(config=dict(epochs=60)),
-    "cpu": Profile(config=dict(channels=32, enc_hidden=1024, frame_dim=256, dec_hidden=1024, rnn_hidden=256,
-                               epochs=16, lr=1e-3, lr_schedule="cosine", judge_every=2)),
+    "cpu": Profile(config=_CPU, ablations=("cpu-mirror",)),
+    # beyond the paper: the cpu profile with a mirror-invariant q(f|x) (Config.f_mirror), with its own weights;
+    # the report of record (profile cpu) evaluates it beside the paper's model, into figures/cpu-mirror/
+    "cpu-mirror": Profile(config={**_CPU, "f_mirror": True}, figures="figures/cpu-mirror", of_record=False,
+                          note="The `cpu` profile with `f_mirror=true`: q(f|x) reads each sequence together with its "
+                               "left-right mirror image, so f cannot hold the facing and z must. The objective, the "
+                               "latent sizes and the parameters are the paper's; this q(f|x) is not."),
     "smoke": Profile(config=dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64,
                                  rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50,
                                  compile=False),  # 16 steps: compiling would never pay
@@ -860,11 +871,21 @@ class DSAE(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
+    def features(self, x):
+        """(h_1:T, what q(f|x) reads): the frame features, and either the same h or, with f_mirror, the mean of the
+        features of x and of its mirror image. The two go through the encoder as one batch, so that BatchNorm
+        normalises them with the same statistics in training as its running statistics do in evaluation."""
+        if not self.config.f_mirror:
+            h = self.encoder(x)
+            return h, h
+        h, h_mirror = self.encoder(torch.cat([x, x.flip(-1)])).chunk(2)
+        return h, (h + h_mirror) / 2
+
     def encode(self, x, sample=True, generator=None) -> Posterior:
         """q(f|x) q(z|x[, f]); with sample=False, f and z are the posterior means; samples draw from `generator`
         when given."""
-        h = self.encoder(x)
-        f_mean, f_logvar = self.q_f((h + self.encoder(x.flip(-1))) / 2 if self.config.f_mirror else h)
+        h, h_f = self.features(x)
+        f_mean, f_logvar = self.q_f(h_f)
         f = reparameterize(f_mean, f_logvar, sample, generator)
         z_mean, z_logvar = self.q_z(h, f)
         return Posterior(f_mean, f_logvar, f, z_mean, z_logvar, reparameterize(z_mean, z_logvar, sample, generator))
@@ -1637,9 +1658,10 @@ def _encoder_stages(model, data: Sprites, n, generator=None, batch_size=100):
     with _autocast(model.device, model.config.bf16):
         for i in range(0, n, batch_size):
             x = to_model_input(data.frames[i:min(i + batch_size, n)], model.device)
-            hs.append(model.encoder(x).float().mean(1).cpu())
+            h, h_f = model.features(x)
+            hs.append(h.float().mean(1).cpu())
             if generator is not None:
-                fs.append(model.encode(x, generator=generator).f.float().cpu())
+                fs.append(reparameterize(*model.q_f(h_f), generator=generator).float().cpu())
     return torch.cat(hs).numpy(), torch.cat(fs).numpy() if fs else None
 
 
@@ -1713,6 +1735,37 @@ def judge_protocol_table(summaries):
     return pd.DataFrame(table).T
 
 
+BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror")  # KL weights other than 1, or another
+# likelihood scale than the SSE, change the paper's objective; a mirror-invariant q(f|x) changes its model
+
+
+def faithful_to_paper(config: dict):
+    """Whether a run's config keeps the paper's model and objective: every field of BEYOND_THE_PAPER at its default."""
+    paper = Config()
+    return all(config.get(k, getattr(paper, k)) == getattr(paper, k) for k in BEYOND_THE_PAPER)
+
+
+def profile_comparison(results):
+    """Profiles side by side ({profile: evaluate_profile result}): one row per profile and q variant with the
+    headline metrics (mean over the sampling seeds, %), the first seed's motion split (`motion_breakdown`), whether
+    the profile keeps the paper's model and objective, its held-out -ELBO and its training time."""
+    import pandas as pd
+    rows = {}
+    for name, result in results.items():
+        for q, run in result["runs"].items():
+            mean = {k: v["mean"] for k, v in run["summary"].items()}
+            split = motion_breakdown(run["confusions (first seed)"]["motion"])
+            rows[(name, q)] = {"paper's model and objective": "yes" if faithful_to_paper(run["config"]) else "no",
+                               "z kept: motion %": 100 * mean["z kept: motion"], "direction %": split["direction"],
+                               "left/right swapped %": split["left/right swapped"],
+                               "z kept: IS": mean["z kept: IS"], "swap: motion of b %": 100 * mean["swap: motion of b"],
+                               **{f"f kept: {a} %": 100 * mean[f"f kept: {a}"] for a in ATTRIBUTES},
+                               **{f"recon: {a} %": 100 * mean[f"recon: {a}"] for a in ("skin", "pants")},
+                               "test -ELBO": run["final ELBO terms"]["test_loss"],
+                               "train min": run["train seconds"] / 60}
+    return pd.DataFrame(rows).T.rename_axis(["profile", "q(z)"])
+
+
 README_BEGIN, README_END = "<!-- results:begin (written by `python dsvae_lib.py readme`) -->", "<!-- results:end -->"
 
 
@@ -1734,7 +1787,8 @@ def results_markdown(metrics):
         lines.append(f"- q(z) {q}: `{run['checkpoint']}` (SHA-256 `{run['checkpoint sha256'][:16]}…`), "
                      f"{run['epochs']} epochs, training seed {c['seed']}, {run['train seconds'] / 60:.0f} min of "
                      f"training; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, beta_f {c.get('beta_f', 1.0)}, "
-                     f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}")
+                     f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
+                     + (", f_mirror (beyond the paper)" if c.get("f_mirror") else ""))
     lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",
               "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]
     for q, run in runs.items():
@@ -1774,8 +1828,17 @@ def results_markdown(metrics):
     return "\n".join(lines)
 
 
-def update_readme(metrics_path, readme=None):
-    """Replace the README's results section (between its markers) with `results_markdown` of a metrics.json."""
+def ablation_metrics(profile, folder=None):
+    """{ablation profile: its metrics.json} for the ablations of `profile` that have been evaluated (their files in
+    <folder>/<ablation>/; folder: the profile's figures folder of record, whatever $DSVAE_FIGURES says)."""
+    folder = Path(folder or ROOT / get_profile(profile).figures)
+    return {a: json.loads(path.read_text()) for a in get_profile(profile).ablations
+            if (path := folder / a / "metrics.json").is_file()}
+
+
+def update_readme(metrics_path, readme=None, ablations=None):
+    """Replace the README's results section (between its markers) with `results_markdown` of a metrics.json,
+    followed by that of each ablation's ({profile name: metrics}), under a heading that says it is beyond the paper."""
     readme = Path(readme or ROOT / "README.md")
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
@@ -1784,6 +1847,8 @@ def update_readme(metrics_path, readme=None):
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     body = results_markdown(json.loads(Path(metrics_path).read_text()))
+    for name, metrics in (ablations or {}).items():
+        body += f"\n\n### Beyond the paper: profile `{name}`\n\n{get_profile(name).note}\n\n{results_markdown(metrics)}"
     _atomic_write_text(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
     return readme
 
@@ -1863,6 +1928,22 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))
     return result
+
+
+def evaluate_ablations(profile, seeds=(0, 1, 2), progress=True, weights=True):
+    """`evaluate_profile` of each ablation of `profile`, written to <figures_dir(profile)>/<ablation>/metrics.json
+    (not to the ablation's own figures_dir, which a report stages into the profile's), so that a report keeps them
+    beside its own; {ablation: result}. With `weights`, only ablations whose every trained q has its committed
+    weights file (never a run, finished or not); else their runs. An ablation must be read by the profile's judge."""
+    results = {}
+    for a in get_profile(profile).ablations:
+        if judge_config(a) != judge_config(profile):
+            raise ValueError(f"ablation {a!r} of profile {profile!r} has another judge; give it the profile's "
+                             f"judge and test_limit so that their metrics compare")
+        runs = trained_runs(a, weights)
+        if runs and (not weights or all(path == weights_path(a, q) for q, path in runs.items())):
+            results[a] = evaluate_profile(a, seeds, figures_dir(profile) / a / "metrics.json", progress, weights)
+    return results
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -2019,8 +2100,6 @@ def study_table(study, reference="cpu"):
     read them (first 12 hex digits of its SHA-256)."""
     import pandas as pd
     base = make_config(reference).__dict__
-    beyond = {"beta_f", "beta_z", "likelihood_var", "f_mirror"}  # KL weights other than 1, or another likelihood
-    # scale than the SSE, change the paper's objective; a mirror-invariant q(f|x) changes its model
     rows = {}
     for name, run in study.items():
         changed = {k: v for k, v in run["config"].items()
@@ -2033,7 +2112,7 @@ def study_table(study, reference="cpu"):
         if init:  # a warm start: its epochs and wall time count the file's training too
             changes.insert(0, f"warm start from {Path(init['path']).name} ({init['epochs']} epochs)")
         rows[name] = {"changes": ", ".join(changes) or "(profile values)",
-                      "paper's model and objective": "no" if beyond & set(changed) else "yes",
+                      "paper's model and objective": "yes" if faithful_to_paper(run["config"]) else "no",
                       "epochs": (f"{init['epochs']} + " if init else "")
                                 + f"{last['epoch']} of {run['config']['epochs']}",
                       "wall min": (init.get("seconds", 0.0) + sum(r["seconds"] for r in run["history"])) / 60,
@@ -2439,6 +2518,10 @@ def write_index(folder, profile, chapters):
                   judge.to_html(), "<h2>Content kept, swaps and reconstruction</h2>", rest.to_html(),
                   f"<p>{metrics['test sequences']} test sequences, sampling seeds {metrics['seeds']}; the judge reads "
                   f"the real test split with accuracy {accuracy}.</p>"]
+        if ablations := ablation_metrics(profile, folder / "figures"):
+            parts += ["<h2>Beyond the paper, beside the paper's model</h2>"]
+            parts += [f"<p><code>{a}</code>: {html.escape(get_profile(a).note)}</p>" for a in ablations]
+            parts.append(profile_comparison({profile: metrics, **ablations}).round(1).to_html())
     else:
         parts.append("<p>No metrics.json was written by this run.</p>")
     for name in KEY_FIGURES:
@@ -2526,14 +2609,18 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
     figures = out / "figures"
     if figures.is_dir():
         dest = ROOT / get_profile(profile).figures
-        for f in sorted(figures.iterdir()):
-            atomic_write(dest / f.name, f.read_bytes())
+        for f in sorted(p for p in figures.rglob("*") if p.is_file()):  # with the ablations' folders
+            atomic_write(dest / f.relative_to(figures), f.read_bytes())
+        for a in get_profile(profile).ablations:  # an ablation this report did not evaluate is not kept either
+            if not (figures / a).is_dir():
+                shutil.rmtree(dest / a, ignore_errors=True)
     print(f"copied back: {len(notebooks)} notebooks into {notebooks[0].parent if notebooks else NOTEBOOKS}"
           + (f", figures into {ROOT / get_profile(profile).figures}" if figures.is_dir() else ""))
     metrics = ROOT / get_profile(profile).figures / "metrics.json"
     readme = ROOT / "README.md"  # the results of record only: never a smoke run's, even when copied back
     if get_profile(profile).of_record and weights and metrics.is_file() and README_BEGIN in readme.read_text():
-        print(f"README results rewritten from {metrics.relative_to(ROOT)}: {update_readme(metrics, readme)}")
+        print(f"README results rewritten from {metrics.relative_to(ROOT)}"
+              f" and its ablations' metrics: {update_readme(metrics, readme, ablation_metrics(profile, figures))}")
     return out
 
 
@@ -2590,7 +2677,11 @@ def _command(parser, args, profile):
         print(f"{args.out}: {len(study)} runs ({', '.join(study)})")
         return
     if args.command == "readme":
-        print(update_readme(figures_dir(profile) / "metrics.json"))
+        if not get_profile(profile).of_record:
+            parser.error(f"the README's results are those of a profile of record; {profile!r} is not one "
+                         f"(its ablations are written with the profile that lists them)")
+        folder = figures_dir(profile)
+        print(update_readme(folder / "metrics.json", ablations=ablation_metrics(profile, folder)))
         return
     if args.command == "export":
         config = make_config(profile, q_z=args.q_z)

@@ -165,6 +165,28 @@ def test_mirror_invariant_content_is_blind_to_left_and_right_only(batch, q_z):
     assert not torch.allclose(post.f, plain_post.f, atol=1e-4)  # it reads both images, not x alone
 
 
+def test_mirror_features_are_normalised_alike_in_training_and_evaluation(batch):
+    """f_mirror: x and its mirror image go through the encoder as one batch, so BatchNorm's running statistics are
+    those the training batches were normalised with; two separate passes (each normalised by its own batch) give
+    an evaluation-mode encoder, and so a held-out ELBO, that training never saw (measured: max difference 1.1)."""
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke", f_mirror=True))
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+        bn.reset_running_stats()
+        bn.momentum = None  # running statistics = those of this one batch
+    encoder = model.encoder
+    with torch.no_grad():
+        trained = model.train().features(batch)
+        evaluated = model.eval().features(batch)
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)):
+            bn.reset_running_stats()
+        two_passes = encoder.train()(batch), encoder(batch.flip(-1))  # what one pass each would have seen
+        two_passes_evaluated = encoder.eval()(batch)
+    for a, b in zip(trained, evaluated):  # equal up to the unbiased variance of the running statistics
+        torch.testing.assert_close(a, b, rtol=0, atol=0.1)
+    assert (two_passes[0] - two_passes_evaluated).abs().max() > 0.5  # the failure this guards against
+
+
 def smoke(tmp_path, name, **overrides):
     return dsae.make_config("smoke", run_dir=str(tmp_path / name), **overrides)
 

@@ -1,4 +1,5 @@
 """The report contract: notebook parameters, profile precedence, clean committed notebooks, `make report`."""
+import dataclasses
 import json
 import shutil
 
@@ -78,6 +79,13 @@ def test_profile_record_holds_config_judge_limit_and_figures(monkeypatch):
     assert dsae.judge_config("smoke").test_limit == smoke.test_limit == 270
     assert dsae.judge_config("smoke").width == smoke.judge["width"]
     assert dsae.judge_config("cpu").test_limit is None and dsae.get_profile("cpu").of_record
+    mirror, cpu = dsae.make_config("cpu-mirror").__dict__, dsae.make_config("cpu").__dict__
+    assert {k for k in cpu if cpu[k] != mirror[k]} == {"profile", "f_mirror"} and mirror["f_mirror"]
+    assert dsae.faithful_to_paper(cpu) and not dsae.faithful_to_paper(mirror)
+    assert not dsae.get_profile("cpu-mirror").of_record  # its report is never the one of record
+    assert dsae.judge_config("cpu-mirror") == dsae.judge_config("cpu")  # read by the same judge
+    for name in dsae.get_profile("cpu").ablations:  # where the report of record writes them, they are kept
+        assert dsae.ROOT / dsae.get_profile(name).figures == dsae.ROOT / dsae.get_profile("cpu").figures / name
     assert not smoke.of_record
     monkeypatch.delenv("DSVAE_FIGURES", raising=False)
     assert dsae.figures_dir("smoke") == dsae.ROOT / "runs" / "smoke-figures"
@@ -206,6 +214,46 @@ def test_report_failure_changes_nothing_and_names_the_notebook(tmp_path):
     assert {p: p.read_bytes() for p in (good, bad)} == before
     assert sorted(p.name for p in out.iterdir()) == ["failed"]  # no half report, no staging folder left
     assert "broken on purpose" in (out / "failed" / "02_bad.ipynb").read_text()
+
+
+def test_report_copies_back_the_figures_of_ablations_in_their_folders(tmp_path, monkeypatch):
+    """The report of record writes an ablation's metrics into <figures>/<ablation>/; copying back keeps the folder,
+    and drops that of an ablation the report did not evaluate, so no stale result outlives it."""
+    monkeypatch.setitem(dsae.PROFILES, "smoke", dataclasses.replace(dsae.get_profile("smoke"),
+                                                                     ablations=("an-ablation", "gone")))
+    nb = _notebook(tmp_path / "01_nested.ipynb", "import os, pathlib\n"
+                   "folder = pathlib.Path(os.environ['DSVAE_FIGURES']) / 'an-ablation'\n"
+                   "folder.mkdir(parents=True)\n(folder / 'metrics.json').write_text('{}')")
+    figures = dsae.ROOT / dsae.get_profile("smoke").figures
+    kept, gone = figures / "an-ablation", figures / "gone"
+    for folder in (kept, gone):
+        shutil.rmtree(folder, ignore_errors=True)
+    dsae.atomic_write(gone / "metrics.json", "{}")
+    try:
+        dsae.run_report("smoke", record=True, notebooks=[nb], out=tmp_path / "reports", progress=False)
+        assert (kept / "metrics.json").read_text() == "{}" and not gone.exists()
+    finally:
+        for folder in (kept, gone):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_index_shows_the_ablations_beside_the_paper_only_when_evaluated(tmp_path):
+    metrics = json.loads((dsae.ROOT / "figures" / "metrics.json").read_text())
+    (tmp_path / "figures" / "cpu-mirror").mkdir(parents=True)
+    (tmp_path / "figures" / "metrics.json").write_text(json.dumps(metrics))
+    dsae.write_index(tmp_path, "cpu", ["04_evaluation.ipynb"])
+    assert "Beyond the paper" not in (tmp_path / "index.html").read_text()
+    mirror = {**metrics, "profile": "cpu-mirror", "runs": {q: {**run, "config": {**run["config"], "f_mirror": True}}
+                                                           for q, run in metrics["runs"].items()}}
+    (tmp_path / "figures" / "cpu-mirror" / "metrics.json").write_text(json.dumps(mirror))
+    dsae.write_index(tmp_path, "cpu", ["04_evaluation.ipynb"])
+    page = (tmp_path / "index.html").read_text()
+    assert "Beyond the paper" in page and "<code>cpu-mirror</code>" in page
+    table = dsae.profile_comparison({"cpu": metrics, "cpu-mirror": mirror}).round(1)
+    assert table.to_html() in page.split("Beyond the paper", 1)[1]
+    assert table["paper's model and objective"].to_dict() == {
+        ("cpu", "factorised"): "yes", ("cpu", "full"): "yes", ("cpu-mirror", "factorised"): "no",
+        ("cpu-mirror", "full"): "no"}
 
 
 def test_report_copies_back_only_when_of_record_or_asked(tmp_path):

@@ -1,5 +1,7 @@
 """bf16 on the CPU, disentanglement tracked during training, and the weights of record (smoke, real data)."""
+import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -221,10 +223,14 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     """The README's results section is results_markdown of figures/metrics.json, whose weights are the committed
     files (same SHA-256); update_readme rewrites only what lies between the markers."""
     metrics = json.loads((dsae.ROOT / "figures" / "metrics.json").read_text())
+    ablations = dsae.ablation_metrics("cpu")  # figures/<ablation>/metrics.json, shown after the paper's model
     readme = (dsae.ROOT / "README.md").read_text()
     section = readme.split(dsae.README_BEGIN, 1)[1].split(dsae.README_END, 1)[0]
-    assert section.strip() == dsae.results_markdown(metrics).strip()
-    for q, run in metrics["runs"].items():
+    assert section.strip().startswith(dsae.results_markdown(metrics).strip())
+    for name, ablation in ablations.items():
+        assert f"### Beyond the paper: profile `{name}`\n\n{dsae.get_profile(name).note}\n\n" \
+               f"{dsae.results_markdown(ablation)}" in section
+    for q, run in [r for m in (metrics, *ablations.values()) for r in m["runs"].items()]:
         assert dsae.sha256(dsae.ROOT / run["checkpoint"]) == run["checkpoint sha256"], q
     judged = {**metrics, "judge": {**metrics["judge"], "sha256": "0123456789abcdef" * 4}}
     assert "(judge file SHA-256 `0123456789abcdef…`)." in dsae.results_markdown(judged)  # when it is recorded
@@ -233,6 +239,57 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     dsae.update_readme(tmp_path / "metrics.json", copy)
     assert copy.read_text() == f"before\n{dsae.README_BEGIN}\n{dsae.results_markdown(metrics)}\n{dsae.README_END}\nafter\n"
+    dsae.update_readme(tmp_path / "metrics.json", copy, ablations)
+    assert copy.read_text().split(dsae.README_BEGIN, 1)[1].split(dsae.README_END, 1)[0] == section
+
+
+def test_profile_comparison_puts_the_ablations_beside_the_paper_and_says_which_is_which():
+    """profile_comparison: one row per profile and q with the metrics of record (means over seeds, in %), the
+    motion split of the first seed, and "no" under the paper's model and objective for a profile beyond it."""
+    metrics = json.loads((dsae.ROOT / "figures" / "metrics.json").read_text())
+    results = {"cpu": metrics, **dsae.ablation_metrics("cpu")}
+    table = dsae.profile_comparison(results)
+    assert list(table.index) == [(p, q) for p, r in results.items() for q in r["runs"]]
+    for (p, q), row in table.iterrows():
+        run = results[p]["runs"][q]
+        assert row["z kept: motion %"] == pytest.approx(100 * run["summary"]["z kept: motion"]["mean"])
+        assert row["f kept: pants %"] == pytest.approx(100 * run["summary"]["f kept: pants"]["mean"])
+        split = dsae.motion_breakdown(run["confusions (first seed)"]["motion"])
+        assert row["direction %"] == pytest.approx(split["direction"])
+        assert row["paper's model and objective"] == ("no" if run["config"].get("f_mirror") else "yes")
+    assert (table.loc["cpu", "paper's model and objective"] == "yes").all()
+    beyond = {**metrics["runs"]["full"]["config"], "f_mirror": True}
+    assert dsae.profile_comparison({"x": {"runs": {"full": {**metrics["runs"]["full"], "config": beyond}}}}
+                                   ).loc[("x", "full"), "paper's model and objective"] == "no"
+
+
+def test_the_ablations_of_a_profile_are_evaluated_into_its_figures(tmp_path, monkeypatch):
+    """evaluate_ablations (notebook 04): each ablation of the profile that has a trained run is evaluated with the
+    profile's judge and written to <figures>/<ablation>/metrics.json, where the report keeps it and from which the
+    README and the index read it; an ablation without weights or runs is skipped."""
+    smoke = dsae.get_profile("smoke")
+    monkeypatch.setitem(dsae.PROFILES, "smoke", dataclasses.replace(smoke, ablations=("smoke-mirror", "smoke-none")))
+    for name in ("smoke-mirror", "smoke-none"):
+        monkeypatch.setitem(dsae.PROFILES, name, dataclasses.replace(smoke, config={**smoke.config, "f_mirror": True}))
+    monkeypatch.setenv("DSVAE_FIGURES", str(tmp_path / "figures"))
+    run = dsae.make_config("smoke-mirror", q_z="full").path
+    shutil.rmtree(run, ignore_errors=True)
+    try:
+        dsae.train(dsae.make_config("smoke-mirror", q_z="full"), progress=False)
+        assert dsae.evaluate_ablations("smoke", seeds=(0,), progress=False) == {}  # a run is not a weights file
+        results = dsae.evaluate_ablations("smoke", seeds=(0,), progress=False, weights=False)
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+    assert list(results) == ["smoke-mirror"] and list(results["smoke-mirror"]["runs"]) == ["full"]
+    saved = json.loads((tmp_path / "figures" / "smoke-mirror" / "metrics.json").read_text())
+    assert dsae.ablation_metrics("smoke", tmp_path / "figures") == {"smoke-mirror": saved}
+    assert saved["runs"]["full"]["config"]["f_mirror"] and saved["profile"] == "smoke-mirror"
+    assert saved["judge"]["sha256"] == dsae.train_judge(dsae.judge_config("smoke"), progress=False)[0].sha256
+    table = dsae.profile_comparison(results)
+    assert table.loc[("smoke-mirror", "full"), "paper's model and objective"] == "no"
+    monkeypatch.setitem(dsae.PROFILES, "smoke-none", dataclasses.replace(smoke, judge={**smoke.judge, "epochs": 1}))
+    with pytest.raises(ValueError, match="ablation 'smoke-none' of profile 'smoke' has another judge"):
+        dsae.evaluate_ablations("smoke", seeds=(0,), progress=False, weights=False)
 
 
 def test_warm_start_begins_from_the_given_weights_and_refuses_another_architecture(tmp_path):
