@@ -1480,15 +1480,18 @@ def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_dat
     """Train the judge on `train_data` (default: the real training split) and measure it on `test_data` (default:
     the real test split), or load it from `path` when it was trained on the same data.
 
-    The default file is keyed by the data's cache folder (sheet checksums, protocol version) and the judge config,
-    so the judge is retrained only when it is missing or the data changes; data not loaded by `load_sprites`
+    The default file is keyed by the data's cache folder (sheet checksums, protocol version) and the judge config:
+    weights/judge-<key>.pt when committed (the judge of record: judges retrained on other machines read the same
+    decodes a few points apart), else runs/judge-<key>.pt, so the judge is retrained only when it is missing or the
+    data changes, and a committed one never is; data not loaded by `load_sprites`
     has no such key, and its judge is saved only to an explicit `path`. Returns (judge in eval mode, test accuracy);
     `judge.sha256` is the SHA-256 of its file (None when it has none), which every metric it reads is recorded with.
     """
     train_data = load_sprites("train") if train_data is None else train_data
     data_key = train_data.source
-    if path is None and data_key is not None:
-        path = ROOT / "runs" / f"judge-{data_key}-{config.key()}.pt"
+    if path is None and data_key is not None:  # the committed judge of record, else this machine's cached one
+        name = f"judge-{data_key}-{config.key()}.pt"
+        path = WEIGHTS / name if (WEIGHTS / name).is_file() else ROOT / "runs" / name
     path = Path(path) if path is not None else None
     device = pick_device()
     judge = Judge(config).to(device).to(memory_format=torch.channels_last)

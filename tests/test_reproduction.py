@@ -181,6 +181,21 @@ def test_committed_weights_are_used_without_training(tmp_path, monkeypatch):
         dsae.trained_model(dsae.make_config("smoke", lr=0.5), folder=tmp_path / "w")
 
 
+def test_a_committed_judge_is_read_and_never_retrained(tmp_path, monkeypatch):
+    """weights/judge-<key>.pt, when committed, is the judge of every metric (training's too), in place of the
+    machine's cached or retrained one; without it the cache under runs/ is used as before."""
+    cached = dsae.train_judge(dsae.judge_config("smoke"), progress=False)[0]
+    name = f"judge-{dsae.load_sprites('train').source}-{dsae.judge_config('smoke').key()}.pt"
+    saved = torch.load(dsae.ROOT / "runs" / name, weights_only=False)
+    marked = {**saved, "test_accuracy": {"skin": 0.123}}  # what only the committed file says
+    torch.save(marked, tmp_path / name)
+    monkeypatch.setattr(dsae, "WEIGHTS", tmp_path)
+    judge, accuracy = dsae.train_judge(dsae.judge_config("smoke"), progress=False)
+    assert accuracy == {"skin": 0.123} and judge.sha256 == dsae.sha256(tmp_path / name) != cached.sha256
+    (tmp_path / name).unlink()
+    assert dsae.train_judge(dsae.judge_config("smoke"), progress=False)[0].sha256 == cached.sha256
+
+
 def test_export_refuses_a_run_of_another_configuration_or_unfinished(tmp_path):
     """Weights of record always hold the profile's own configuration, fully trained; nothing is written otherwise."""
     config = dsae.make_config("smoke", run_dir=str(tmp_path / "run"), channels=4)
@@ -232,6 +247,9 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
                f"{dsae.results_markdown(ablation)}" in section
     for q, run in [r for m in (metrics, *ablations.values()) for r in m["runs"].items()]:
         assert dsae.sha256(dsae.ROOT / run["checkpoint"]) == run["checkpoint sha256"], q
+    judges = {dsae.sha256(path) for path in dsae.WEIGHTS.glob("judge-*.pt")}
+    for m in (metrics, *ablations.values()):  # a judge recorded by the metrics of record is the committed one
+        assert m["judge"].get("sha256") in judges | {None}
     judged = {**metrics, "judge": {**metrics["judge"], "sha256": "0123456789abcdef" * 4}}
     assert "(judge file SHA-256 `0123456789abcdef…`)." in dsae.results_markdown(judged)  # when it is recorded
     copy = tmp_path / "README.md"
