@@ -221,14 +221,15 @@ def test_generations_draw_from_a_local_generator(batch):
     assert not np.array_equal(rows, dsae.generations(model, batch[:2], "f", draws=2, seed=4))
 
 
-@pytest.mark.parametrize("q_z", ["factorised", "full"])
-def test_committed_weights_hold_their_profile_and_fit_the_limit(q_z):
-    """Each weights file of record holds its profile's configuration, trained for the profile's epochs, in half
-    precision within 20 MB; a changed profile without new weights fails here, not in the report."""
-    path = dsae.weights_path("cpu", q_z)
+@pytest.mark.parametrize("profile, q_z", [('cpu', 'factorised'), ('cpu', 'full'), ('cpu-mirror', 'factorised')])
+def test_committed_weights_hold_their_profile_and_fit_the_limit(profile, q_z):
+    """Each weights file of record (the cpu profile's and its ablation's) holds its profile's configuration, trained
+    for the profile's epochs, in half precision within 20 MB; a changed profile without new weights fails here, not
+    in the report."""
+    path = dsae.weights_path(profile, q_z)
     assert path.stat().st_size <= 20_000_000
     saved = torch.load(path, map_location="cpu", weights_only=False)
-    expected = dsae.make_config("cpu", q_z=q_z)
+    expected = dsae.make_config(profile, q_z=q_z)
     assert dsae._comparable(dsae.Config(**saved["config"])) == dsae._comparable(expected)
     assert saved["epoch"] == expected.epochs == len(saved["history"])
     assert {v.dtype for v in saved["model"].values() if v.is_floating_point()} == {torch.float16}
