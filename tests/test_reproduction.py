@@ -221,7 +221,7 @@ def test_generations_draw_from_a_local_generator(batch):
     assert not np.array_equal(rows, dsae.generations(model, batch[:2], "f", draws=2, seed=4))
 
 
-@pytest.mark.parametrize("profile, q_z", [('cpu', 'factorised'), ('cpu', 'full'), ('cpu-mirror', 'factorised')])
+@pytest.mark.parametrize("profile, q_z", [('cpu', 'factorised'), ('cpu', 'full'), ('cpu-mirror', 'factorised'), ('cpu-mirror', 'full')])
 def test_committed_weights_hold_their_profile_and_fit_the_limit(profile, q_z):
     """Each weights file of record (the cpu profile's and its ablation's) holds its profile's configuration, trained
     for the profile's epochs, in half precision within 20 MB; a changed profile without new weights fails here, not
