@@ -54,6 +54,8 @@ class Config:
     q_z: str = "factorised"      # q(z|x): "factorised" (per frame) or "full" (conditioned on f, Eq. 6)
     f_mirror: bool = False       # q(f|x) reads x_1:T and its left-right mirror image, so f is blind to the facing
                                  # (left/right), which z must then carry (beyond the paper; no parameters)
+    f_film: bool = False         # the decoder's feature maps are also scaled and shifted per channel by affine maps
+                                 # of f (FiLM), so f can set colours wherever z puts a part (beyond the paper)
     channels: int = 256          # every convolution of encoder and decoder
     enc_hidden: int = 4096       # affine 8*8*channels -> enc_hidden -> frame_dim
     frame_dim: int = 2048        # frame encoding fed to the posteriors
@@ -827,8 +829,24 @@ class DynamicsPrior(nn.Module):
         return torch.cat(zs, dim=1)
 
 
+class FiLM(nn.Module):
+    """Feature-wise modulation by f (beyond the paper): h * (1 + gamma(f)) + beta(f) per channel. Zero-initialised,
+    so it starts as the identity and a warm start from the paper's decoder begins exactly where that one ended."""
+
+    def __init__(self, f_dim, channels):
+        super().__init__()
+        self.affine = nn.Linear(f_dim, 2 * channels)
+        nn.init.zeros_(self.affine.weight)
+        nn.init.zeros_(self.affine.bias)
+
+    def forward(self, h, f):  # h: (B*T, C, H, W), f: (B*T, f_dim)
+        gamma, beta = self.affine(f)[:, :, None, None].chunk(2, dim=1)
+        return h * (1 + gamma) + beta
+
+
 class Decoder(nn.Module):
-    """p(x_t | z_t, f): [f, z_t] -> affine -> dec_hidden -> Cx8x8, 3 transposed convs to Cx64x64, then 3x64x64 tanh."""
+    """p(x_t | z_t, f): [f, z_t] -> affine -> dec_hidden -> Cx8x8, 3 transposed convs to Cx64x64, then 3x64x64 tanh.
+    With f_film, each transposed convolution's normalised output is modulated by f (FiLM) before its activation."""
 
     def __init__(self, c):
         super().__init__()
@@ -838,11 +856,21 @@ class Decoder(nn.Module):
         self.deconv = nn.Sequential(*_deconv(c.channels, c.channels), *_deconv(c.channels, c.channels),
                                     *_deconv(c.channels, c.channels),
                                     nn.ConvTranspose2d(c.channels, 3, 5, 1, 2), nn.Tanh())
+        self.film = nn.ModuleList([FiLM(c.f_dim, c.channels) for _ in range(3)]) if c.f_film else None
 
     def forward(self, f, z):  # (B, f_dim), (B, T, z_dim) -> (B, T, 3, 64, 64)
         b, t = z.shape[:2]
-        h = self.fc(torch.cat([f.unsqueeze(1).expand(-1, t, -1), z], dim=-1).flatten(0, 1))
-        return self.deconv(h.view(b * t, self.channels, FEATURE, FEATURE)).view(b, t, *FRAME)
+        f_t = f.unsqueeze(1).expand(-1, t, -1)
+        h = self.fc(torch.cat([f_t, z], dim=-1).flatten(0, 1))
+        h = h.view(b * t, self.channels, FEATURE, FEATURE)
+        if self.film is None:
+            return self.deconv(h).view(b, t, *FRAME)
+        f_t = f_t.flatten(0, 1)
+        for i, layer in enumerate(self.deconv):
+            h = layer(h)
+            if isinstance(layer, nn.BatchNorm2d):  # the i-th block: deconv, BatchNorm, FiLM, LeakyReLU
+                h = self.film[i // 3](h, f_t)
+        return h.view(b, t, *FRAME)
 
 
 # ----------------------------------------------------------------------------- model: DSAE
@@ -1235,6 +1263,16 @@ def _warm_start(config: Config):
                        "seconds": sum(r.get("seconds", 0.0) for r in ckpt["history"])}}
 
 
+def _load_warm_start(model, state, config: Config):
+    """Load a warm start's model state. With f_film, a state without FiLM layers is welcome: they start as the
+    identity, so the model begins as the file's model. Any other missing or unexpected key is an error."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.f_film and k.startswith("decoder.film."))]
+    if missing or unexpected:
+        raise ValueError(f"init={config.init!r} does not fit this model: missing {missing}, unexpected {unexpected}; "
+                         f"warm-start from a file of the same architecture")
+
+
 def _train(config: Config, progress, change_lr, train_data, test_data, init=None):
     import pandas as pd
     device = pick_device(config.device)
@@ -1264,7 +1302,7 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
         _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))  # a kill may have come between
         _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))  # checkpoint and these
     elif init is not None:
-        model.load_state_dict(init["model"])
+        _load_warm_start(model, init["model"], config)
     init_record = ckpt.get("init") if start else init and init["record"]
     _atomic_write_text(run / "config.json", json.dumps(config.__dict__, indent=1, default=list))
     if start >= config.epochs:
@@ -1652,6 +1690,54 @@ def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
     return pd.DataFrame(rows).T
 
 
+def colour_readout(videos, data: Sprites, attributes=("skin", "pants"), sheets=None):
+    """A judge-free reading of colour in videos that keep each sequence's own pose (reconstructions; a generation
+    with z resampled moves the parts, so it does not apply there). For each sequence and attribute: the pixels
+    where that layer shows (those that change when only its variant changes, composed from the sheets in the
+    sequence's motion), the mean colour the video has there, and the variant whose true mean colour on those same
+    pixels is nearest. `videos`: uint8 (n, T, 64, 64, 3) of the first n sequences of `data`.
+    Returns ({attribute: % read right}, DataFrame (attribute, variant) -> true and drawn mean R, G, B and % read)."""
+    import pandas as pd
+    strips = _strips(str(find_sheets(sheets)))
+    n, attrs = len(videos), data.attributes[:len(videos)]
+    index = {a: ATTRIBUTES.index(a) for a in attributes}
+    read = {a: np.zeros(n, int) for a in attributes}
+    true_colour, drawn_colour = {a: np.zeros((n, 3)) for a in attributes}, {a: np.zeros((n, 3)) for a in attributes}
+    for c in np.unique(data.character[:n]):
+        rows = np.flatnonzero(data.character[:n] == c)
+        for a, i in index.items():
+            variants = []
+            for v in range(N_VARIANTS):
+                other = decode_character(c).copy()
+                other[i] = v
+                variants.append(compose_character(strips, int(encode_character(*other))))
+            variants = np.stack(variants).astype(np.float64)  # (variant, motion, T, 64, 64, 3)
+            for r in rows:
+                m = int(data.motion[r])
+                mask = (variants[:, m] != variants[:1, m]).any(-1).any(0)  # (T, 64, 64): where the layer shows
+                means = variants[:, m][:, mask].mean(1)  # true mean colour of every variant there
+                drawn = videos[r][mask].astype(np.float64).mean(0)
+                read[a][r] = int(np.argmin(((means - drawn) ** 2).sum(1)))
+                true_colour[a][r], drawn_colour[a][r] = means[attrs[r, i]], drawn
+    accuracy = {a: 100 * float((read[a] == attrs[:, i]).mean()) for a, i in index.items()}
+    table = {}
+    for a, i in index.items():
+        for v in range(N_VARIANTS):
+            hit = attrs[:, i] == v
+            if hit.any():
+                t, d = true_colour[a][hit].mean(0), drawn_colour[a][hit].mean(0)
+                table[(a, v)] = {"true R": t[0], "true G": t[1], "true B": t[2], "drawn R": d[0], "drawn G": d[1],
+                                 "drawn B": d[2], "read %": 100 * float((read[a][hit] == v).mean()), "sequences": hit.sum()}
+    return accuracy, pd.DataFrame(table).T.rename_axis(["attribute", "variant"])
+
+
+@torch.no_grad()
+def reconstruction_colours(model, data: Sprites, limit=None, sheets=None):
+    """colour_readout of the plain reconstructions (posterior means of f and z) of the first `limit` sequences."""
+    f, z = encode_all(model, data, limit)
+    return colour_readout(to_uint8(_decode_all(model, f, z)), data, sheets=sheets)
+
+
 @torch.no_grad()
 def _encoder_stages(model, data: Sprites, n, generator=None, batch_size=100):
     """The encoder's frame features h_1:T averaged over t of the first n sequences, and with a generator one sample
@@ -1738,7 +1824,7 @@ def judge_protocol_table(summaries):
     return pd.DataFrame(table).T
 
 
-BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror")  # KL weights other than 1, or another
+BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_film")  # KL weights other than 1, or another
 # likelihood scale than the SSE, change the paper's objective; a mirror-invariant q(f|x) changes its model
 
 
@@ -1791,7 +1877,8 @@ def results_markdown(metrics):
                      f"{run['epochs']} epochs, training seed {c['seed']}, {run['train seconds'] / 60:.0f} min of "
                      f"training; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, beta_f {c.get('beta_f', 1.0)}, "
                      f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
-                     + (", f_mirror (beyond the paper)" if c.get("f_mirror") else ""))
+                     + (", f_mirror (beyond the paper)" if c.get("f_mirror") else "")
+                     + (", f_film (beyond the paper)" if c.get("f_film") else ""))
     lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",
               "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]
     for q, run in runs.items():

@@ -187,6 +187,30 @@ def test_mirror_features_are_normalised_alike_in_training_and_evaluation(batch):
     assert (two_passes[0] - two_passes_evaluated).abs().max() > 0.5  # the failure this guards against
 
 
+def test_film_decoder_starts_as_the_paper_decoder_and_learns(batch):
+    """f_film (beyond the paper): the FiLM layers start as the identity, so a warm start from the paper's decoder
+    decodes exactly as that decoder did; one Adam step moves them (f reaches the feature maps). A state that lacks
+    anything but FiLM layers, or holds unknown keys, is refused."""
+    torch.manual_seed(0)
+    paper = dsae.DSAE(dsae.make_config("smoke")).eval()
+    config = dsae.make_config("smoke", f_film=True)
+    film = dsae.DSAE(config)
+    dsae._load_warm_start(film, paper.state_dict(), config)
+    film.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(film.reconstruct(batch), paper.reconstruct(batch), rtol=0, atol=0)
+    film.train()
+    optimizer = torch.optim.Adam(film.parameters(), lr=1e-3)
+    dsae.train_step(film, optimizer, batch, config)
+    assert all(p.detach().abs().max() > 0 for p in film.decoder.film.parameters())
+    with pytest.raises(ValueError, match="missing"):
+        dsae._load_warm_start(film, {k: v for k, v in paper.state_dict().items() if "decoder.fc" not in k}, config)
+    with pytest.raises(ValueError, match="unexpected"):
+        dsae._load_warm_start(film, {**paper.state_dict(), "extra.weight": torch.zeros(1)}, config)
+    with pytest.raises(ValueError, match="unexpected"):  # FiLM layers do not load into the paper's decoder
+        dsae._load_warm_start(paper, film.state_dict(), dsae.make_config("smoke"))
+
+
 def smoke(tmp_path, name, **overrides):
     return dsae.make_config("smoke", run_dir=str(tmp_path / name), **overrides)
 
