@@ -1711,7 +1711,7 @@ def colour_readout(videos, data: Sprites, attributes=("skin", "pants"), sheets=N
                 other = decode_character(c).copy()
                 other[i] = v
                 variants.append(compose_character(strips, int(encode_character(*other))))
-            variants = np.stack(variants).astype(np.float64)  # (variant, motion, T, 64, 64, 3)
+            variants = np.stack(variants)  # uint8 (variant, motion, T, 64, 64, 3); means come out in float64
             for r in rows:
                 m = int(data.motion[r])
                 mask = (variants[:, m] != variants[:1, m]).any(-1).any(0)  # (T, 64, 64): where the layer shows
@@ -1825,7 +1825,7 @@ def judge_protocol_table(summaries):
 
 
 BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_film")  # KL weights other than 1, or another
-# likelihood scale than the SSE, change the paper's objective; a mirror-invariant q(f|x) changes its model
+# likelihood scale than the SSE, change the paper's objective; a mirror-invariant q(f|x) or FiLM changes its model
 
 
 def faithful_to_paper(config: dict):
@@ -1877,8 +1877,7 @@ def results_markdown(metrics):
                      f"{run['epochs']} epochs, training seed {c['seed']}, {run['train seconds'] / 60:.0f} min of "
                      f"training; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, beta_f {c.get('beta_f', 1.0)}, "
                      f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
-                     + (", f_mirror (beyond the paper)" if c.get("f_mirror") else "")
-                     + (", f_film (beyond the paper)" if c.get("f_film") else ""))
+                     + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_film") if c.get(k)))
     lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",
               "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]
     for q, run in runs.items():

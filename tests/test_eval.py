@@ -206,7 +206,6 @@ def test_latent_probe_stages_follow_a_factor_from_the_frames_to_a_sample_of_f(tr
     assert other.drop("f sample").equals(table.drop("f sample")) and not other.loc["f sample"].equals(table.loc["f sample"])
 
 
-
 def test_colour_readout_reads_the_colour_drawn_where_each_layer_shows(test_split, sheets_dir):
     """The judge-free colour reading: real sequences read right; the same sequences redrawn with another pants
     variant (composed from the sheets) read as that variant, and their skin still reads right; a grey smear reads
