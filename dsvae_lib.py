@@ -2533,12 +2533,20 @@ class ReportError(RuntimeError):
     """A notebook of the report failed; nothing of the repository was changed."""
 
 
-def clean_notebook(nb):
+def clean_notebook(nb, paths=None):
     """A notebook as the repository keeps it: the outputs stay; what changes on every run without the results
     changing goes. Dropped: papermill's injected-parameters cell, per-cell execution metadata (timestamps,
     papermill's status), the notebook's papermill metadata and saved widget state, and widget views (progress
-    bars; the views of this module carry a still of their state beside, which stays). Returns a new dict."""
+    bars; the views of this module carry a still of their state beside, which stays). `paths` maps a run's
+    temporary folders to where their files end up (a report's staging folder to the figures folder of record);
+    each is replaced in the text outputs, longest first. Returns a new dict."""
     nb = json.loads(json.dumps(nb))
+    paths = sorted((paths or {}).items(), key=lambda kv: -len(kv[0]))
+
+    def moved(text):
+        for old, new in paths:
+            text = text.replace(old, new)
+        return text
     for key in ("papermill", "widgets"):
         nb["metadata"].pop(key, None)
     cells = []
@@ -2557,6 +2565,12 @@ def clean_notebook(nb):
                 data.pop(WIDGET_VIEW)
                 if set(data) <= {"text/plain"}:  # a bare widget: its text is a repr or a progress line
                     continue
+            if paths and output.get("output_type") == "stream":
+                output["text"] = moved("".join(output["text"]) if isinstance(output["text"], list)
+                                       else output["text"])
+            elif paths and data and "text/plain" in data:
+                plain = data["text/plain"]
+                data["text/plain"] = moved("".join(plain) if isinstance(plain, list) else plain)
             outputs.append(output)
         if cell["cell_type"] == "code":
             cell["outputs"] = outputs
@@ -2671,9 +2685,12 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
                     f"notebook {nb.name} failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
                     f"its output up to the failing cell is in {failed / nb.name}. The repository and the last report "
                     f"in {out} are unchanged.") from e
+        staged = stage / "figures"  # printed by the notebooks as where their figures go: say where they end up
+        final = ROOT / get_profile(profile).figures
+        paths = {str(staged): str(final), os.path.relpath(staged, ROOT): os.path.relpath(final, ROOT)}
         for nb in notebooks:
             path = stage / nb.name
-            write_notebook(clean_notebook(json.loads(path.read_text())), path)
+            write_notebook(clean_notebook(json.loads(path.read_text()), paths), path)
             _export_html(path, stage)
         write_index(stage, profile, [nb.name for nb in notebooks])
         for item in stage.iterdir():

@@ -133,6 +133,14 @@ def test_clean_notebook_keeps_outputs_and_drops_run_noise():
     assert dsae.clean_notebook(nb) == nb
 
 
+def test_clean_notebook_names_where_staged_figures_end_up():
+    nb = _executed("2026-01-01T00:00:00", "aaaa")
+    nb["cells"][2]["outputs"][0]["text"] = ["figures -> reports/.run-x1/figures\n", "saved reports/.run-x1/figures/a.png"]
+    cleaned = dsae.clean_notebook(nb, {"reports/.run-x1/figures": "figures", "reports/.run-x1": "reports"})
+    assert cleaned["cells"][1]["outputs"][0]["text"] == "figures -> figures\nsaved figures/a.png"
+    assert dsae.clean_notebook(nb)["cells"][1]["outputs"][0]["text"] == nb["cells"][2]["outputs"][0]["text"]
+
+
 def test_rerun_with_unchanged_results_writes_identical_notebooks(tmp_path):
     first = dsae.write_notebook(dsae.clean_notebook(_executed("2026-01-01T00:00:00", "aaaa")), tmp_path / "a.ipynb")
     second = dsae.write_notebook(dsae.clean_notebook(_executed("2026-02-02T11:11:11", "bbbb")), tmp_path / "b.ipynb")
