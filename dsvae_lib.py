@@ -2543,7 +2543,8 @@ def clean_notebook(nb, paths=None):
     nb = json.loads(json.dumps(nb))
     paths = sorted((paths or {}).items(), key=lambda kv: -len(kv[0]))
 
-    def moved(text):
+    def moved(text):  # a notebook's text is a string or a list of lines
+        text = "".join(text) if isinstance(text, list) else text
         for old, new in paths:
             text = text.replace(old, new)
         return text
@@ -2566,11 +2567,9 @@ def clean_notebook(nb, paths=None):
                 if set(data) <= {"text/plain"}:  # a bare widget: its text is a repr or a progress line
                     continue
             if paths and output.get("output_type") == "stream":
-                output["text"] = moved("".join(output["text"]) if isinstance(output["text"], list)
-                                       else output["text"])
+                output["text"] = moved(output["text"])
             elif paths and data and "text/plain" in data:
-                plain = data["text/plain"]
-                data["text/plain"] = moved("".join(plain) if isinstance(plain, list) else plain)
+                data["text/plain"] = moved(data["text/plain"])
             outputs.append(output)
         if cell["cell_type"] == "code":
             cell["outputs"] = outputs
