@@ -1,12 +1,17 @@
 """Training throughput of DSAE: sequences/s and peak memory of one training step, per profile and mode.
 
-    python benchmarks/train_throughput.py [--profiles smoke cpu paper] [--steps 3] [--out benchmarks/results.json]
+    python benchmarks/train_throughput.py [--profiles smoke cpu paper] [--steps 3] [--repeats 1]
+                                          [--out benchmarks/results.json]
 
-Every (profile, mode) runs in a fresh process so its peak memory is its own. Modes: fp32 eager, bf16 autocast,
-bf16 + channels_last, and bf16 + channels_last + torch.compile, each with its speed-up over fp32 eager (bf16 only
-where the device supports it: CUDA, or a CPU with AVX-512 bf16 / AMX). The compile row also reports the time of
-its first two (compiling) steps, and how many steps it takes for compilation to pay for itself. The data path (gather a batch from the resident uint8 tensor, convert to float) is timed
-on its own and reported as a fraction of the step time.
+Every (profile, mode) runs in a fresh process so its peak memory is its own. With --repeats R, each profile's modes
+run R times, interleaved (mode 1, 2, ..., then 1, 2, ... again), and each reports the median step time with its
+spread (min-max), so a slow spell of a shared machine falls on every mode alike rather than on one; the share of CPU
+time the hypervisor gave to other machines during the timed steps (steal, /proc/stat) is reported beside it. Modes:
+fp32 eager, bf16 autocast, bf16 + channels_last, and bf16 + channels_last + torch.compile, each with its speed-up
+over fp32 eager (bf16 only where the device supports it: CUDA, or a CPU with AVX-512 bf16 / AMX). The compile row
+also reports the time of its first two (compiling) steps, compiled from scratch (torch's compile caches are off),
+and how many steps it takes for compilation to pay for itself. The data path (gather a batch from the resident uint8
+tensor, convert to float) is timed on its own and reported as a fraction of the step time.
 """
 import argparse
 import json
@@ -45,6 +50,21 @@ def machine():
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def cpu_ticks():
+    """The machine's CPU time counters (/proc/stat: user, nice, system, idle, iowait, irq, softirq, steal, ...);
+    empty where /proc/stat is missing."""
+    try:
+        return [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def median_row(runs):
+    """One row from the repeats of a (profile, mode): the run of median step time, with every repeat's step time."""
+    runs = sorted(runs, key=lambda r: r["step_s"])
+    return {**runs[(len(runs) - 1) // 2], "repeats_step_s": [r["step_s"] for r in runs]}
+
+
 def measure(profile, mode, steps):
     """Run in a child process: time `steps` training steps after warm-up, and the data path alone."""
     import torch
@@ -68,11 +88,13 @@ def measure(profile, mode, steps):
     sync()
     warmup_s = time.perf_counter() - t0
     xs = [x for _, x in it]
+    ticks = cpu_ticks()
     t0 = time.perf_counter()
     for x in xs:
         terms = dsae.train_step(step_model, optimizer, x, config)
     sync()
     step_s = (time.perf_counter() - t0) / len(xs)
+    ticks = [b - a for a, b in zip(ticks, cpu_ticks())]
     t0 = time.perf_counter()
     for _ in range(3):
         for _ in batches:
@@ -84,7 +106,8 @@ def measure(profile, mode, steps):
             else f"cpu ({torch.get_num_threads()} threads)", "parameters": params, "batch": config.batch_size,
             "step_s": step_s, "seq_per_s": config.batch_size / step_s, "data_s": data_s, "warmup_s": warmup_s,
             "bf16_native": dsae.bf16_supported(device.type),
-            "data_fraction": data_s / step_s, "loss": float(terms["loss"]),
+            "data_fraction": data_s / step_s,
+            "cpu_steal_pct": 100 * ticks[7] / max(sum(ticks), 1) if len(ticks) > 7 else float("nan"), "loss": float(terms["loss"]),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mib": base_rss,
             "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
 
@@ -94,24 +117,29 @@ def main():
     parser.add_argument("--profiles", nargs="*", default=["smoke", "cpu", "paper"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps after two warm-up steps")
     parser.add_argument("--modes", nargs="*", choices=list(MODES), help="default: all")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved runs of every mode; the median is kept")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "train_throughput.json"))
     parser.add_argument("--child", nargs=2, metavar=("PROFILE", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child:  # compiled modes compile from scratch: torch's on-disk caches would hide the first run's cost
+        os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
         print(json.dumps(measure(*args.child, args.steps)))
         return
     parser_modes = args.modes or list(MODES)
     rows = []
     for profile in args.profiles:
-        for mode in parser_modes:
-            out = subprocess.run([sys.executable, __file__, "--child", profile, mode, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{r['profile']:6} {r['mode']:31} {r['parameters'] / 1e6:8.2f}M {r['step_s']:9.3f} s/step "
-                  f"{r['seq_per_s']:8.1f} seq/s  data {100 * r['data_fraction']:5.2f} %  "
-                  f"peak RSS {r['peak_rss_mib']:7.0f} MiB" + (f"  peak CUDA {r['peak_cuda_mib']:.0f} MiB"
-                                                            if r['peak_cuda_mib'] else ""), flush=True)
+        runs = {mode: [] for mode in parser_modes}
+        for _ in range(args.repeats):
+            for mode in parser_modes:
+                out = subprocess.run([sys.executable, __file__, "--child", profile, mode, "--steps", str(args.steps)],
+                                     capture_output=True, text=True, check=True)
+                runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                r = runs[mode][-1]
+                print(f"{r['profile']:6} {r['mode']:31} {r['parameters'] / 1e6:8.2f}M {r['step_s']:9.3f} s/step "
+                      f"{r['seq_per_s']:8.1f} seq/s  data {100 * r['data_fraction']:5.2f} %  "
+                      f"peak RSS {r['peak_rss_mib']:7.0f} MiB  steal {r['cpu_steal_pct']:4.1f} %"
+                      + (f"  peak CUDA {r['peak_cuda_mib']:.0f} MiB" if r['peak_cuda_mib'] else ""), flush=True)
+        rows += [median_row(runs[mode]) for mode in parser_modes]
     eager = {r["profile"]: r for r in rows if r["mode"] == "fp32 eager"}
     for r in rows:
         base = eager.get(r["profile"])
@@ -121,16 +149,18 @@ def main():
         r["steps_to_pay_off"] = (max(extra, 0.0) / saved) if saved > 0 else float("inf")
     host = machine()
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": host, "steps": args.steps,
-                                          "rows": rows}, indent=1))
+                                          "repeats": args.repeats, "rows": rows}, indent=1))
     print(f"\n{host['cpu']}, {host['logical cores']} logical cores, torch {host['torch']}, "
           f"bf16 {'native' if host['cpu bf16 native'] else 'not native: the bf16 modes ran in fp32'}"
           + (f"; {host['cuda']}" if host["cuda"] else ""))
-    print(f"{'profile':8}{'mode':33}{'params':>10}{'s/step':>10}{'seq/s':>9}{'data %':>8}{'speed-up':>10}"
-          f"{'warm-up s':>11}{'peak MiB':>10}")
+    print(f"{'profile':8}{'mode':33}{'params':>10}{'s/step':>10}{'min-max':>14}{'seq/s':>9}{'data %':>8}"
+          f"{'speed-up':>10}{'warm-up s':>11}{'peak MiB':>10}{'steal %':>9}")
     for r in rows:
         peak = r["peak_cuda_mib"] or r["peak_rss_mib"]
-        print(f"{r['profile']:8}{r['mode']:33}{r['parameters'] / 1e6:9.2f}M{r['step_s']:10.3f}{r['seq_per_s']:9.1f}"
-              f"{100 * r['data_fraction']:8.2f}{r['speedup_vs_fp32_eager']:10.2f}{r['warmup_s']:11.1f}{peak:10.0f}")
+        spread = f"{min(r['repeats_step_s']):.3f}-{max(r['repeats_step_s']):.3f}"
+        print(f"{r['profile']:8}{r['mode']:33}{r['parameters'] / 1e6:9.2f}M{r['step_s']:10.3f}{spread:>14}"
+              f"{r['seq_per_s']:9.1f}{100 * r['data_fraction']:8.2f}{r['speedup_vs_fp32_eager']:10.2f}"
+              f"{r['warmup_s']:11.1f}{peak:10.0f}{r['cpu_steal_pct']:9.1f}")
     print(f"written to {args.out}")
 
 

@@ -211,6 +211,36 @@ def test_film_decoder_starts_as_the_paper_decoder_and_learns(batch):
         dsae._load_warm_start(paper, film.state_dict(), dsae.make_config("smoke"))
 
 
+def test_kl_annealing_scales_both_kl_terms_then_ends_on_the_paper_objective(batch, tmp_path):
+    """kl_warmup (beyond the paper): the KL weight rises linearly to 1 and stays there; a step with weight w moves
+    the parameters as a step on recon + w (beta_f KL_f + beta_z KL_z) does; runs log it and are not the paper's."""
+    config = dsae.make_config("smoke", kl_warmup=2, beta_z=2.0, bf16=False)
+    assert [dsae.annealed_kl_weight(config, e) for e in (0.5, 1, 2, 7)] == [0.25, 0.5, 1.0, 1.0]
+    assert dsae.annealed_kl_weight(dsae.make_config("smoke"), 0.01) == 1.0
+
+    def stepped(step):
+        torch.manual_seed(0)
+        model = dsae.DSAE(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+        torch.manual_seed(1)  # the same reparameterisation noise in both
+        step(model, optimizer)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def by_hand(model, optimizer):
+        terms = dsae.elbo_terms(model, batch)
+        (terms["recon"] + 0.3 * (terms["kl_f"] + 2.0 * terms["kl_z"])).backward()
+        optimizer.step()
+
+    annealed = stepped(lambda m, o: dsae.train_step(m, o, batch, config, kl_weight=0.3))
+    torch.testing.assert_close(annealed, stepped(by_hand))
+    assert not torch.allclose(annealed, stepped(lambda m, o: dsae.train_step(m, o, batch, config)))
+    _, history = dsae.train(smoke(tmp_path, "annealed", kl_warmup=1.5), progress=False)
+    assert [row["kl weight"] for row in history] == pytest.approx([1 / 1.5, 1.0])
+    assert not dsae.faithful_to_paper(config.__dict__) and dsae.faithful_to_paper(dsae.make_config("smoke").__dict__)
+    with pytest.raises(ValueError, match="kl_warmup must be"):
+        dsae.make_config("smoke", kl_warmup=-1)
+
+
 def smoke(tmp_path, name, **overrides):
     return dsae.make_config("smoke", run_dir=str(tmp_path / name), **overrides)
 
