@@ -22,6 +22,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -1620,17 +1621,23 @@ def _decode_all(model, f, z, batch_size=100):
 
 
 @torch.no_grad()
-def encode_all(model, data: Sprites, limit=None, batch_size=100):
-    """Posterior means (f, z) of (the first `limit` sequences of) a split, on the model's device."""
+def encode_posteriors(model, data: Sprites, limit=None, batch_size=100) -> Posterior:
+    """q(f|x) q(z|x[, f]) of (the first `limit` sequences of) a split, every field in fp32 on the model's device;
+    f and z are the posterior means."""
     model.eval()
     n = len(data) if limit is None else min(limit, len(data))
-    fs, zs = [], []
+    parts = []
     with _autocast(model.device, model.config.bf16):
         for i in range(0, n, batch_size):
-            post = model.encode(to_model_input(data.frames[i:min(i + batch_size, n)], model.device), sample=False)
-            fs.append(post.f.float())
-            zs.append(post.z.float())
-    return torch.cat(fs), torch.cat(zs)
+            x = to_model_input(data.frames[i:min(i + batch_size, n)], model.device)
+            parts.append(model.encode(x, sample=False))
+    return Posterior(*(torch.cat([getattr(p, k).float() for p in parts]) for k in Posterior._fields))
+
+
+def encode_all(model, data: Sprites, limit=None, batch_size=100):
+    """Posterior means (f, z) of (the first `limit` sequences of) a split, on the model's device."""
+    post = encode_posteriors(model, data, limit, batch_size)
+    return post.f, post.z
 
 
 def _accuracy(probs, labels):
@@ -1810,6 +1817,29 @@ def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=N
                 rows.setdefault(row, {})[head] = 100 * probe.score((codes["test"][row] - mean) / std, y_test[head])
     order = [c for c in ("h", "f", "f sample", "z_1:T") if c in rows]
     return pd.DataFrame(rows).T.loc[order].rename_axis("code")
+
+
+def code_separation(model, data: Sprites, attribute="pants", limit=2700, batch_size=100):
+    """How far apart q(f|x) puts the variants of one attribute, pair by pair, over the first `limit` sequences of a
+    split: the discriminability d'^2 = sum_d (m_a,d - m_b,d)^2 / s_d^2 of the two variants' mean codes m_a, m_b
+    along each dimension d of f (a read-out that weighs every dimension by its own spread), with s_d^2 either the
+    spread of the posterior means within a variant ("means"), or that plus the mean posterior variance of q(f|x)
+    ("samples": the codes the decoder is trained on). d'^2 >= 9 (d' >= 3) keeps a pair apart; near 1 it overlaps.
+    A DataFrame indexed by (variant a, variant b), a < b."""
+    import pandas as pd
+    post = encode_posteriors(model, data, limit, batch_size)
+    mean, variance = post.f_mean.double().cpu().numpy(), post.f_logvar.double().exp().cpu().numpy()
+    y = data.attributes[:len(mean), ATTRIBUTES.index(attribute)]
+    present = [v for v in range(N_VARIANTS) if (y == v).any()]
+    centre = {v: mean[y == v].mean(0) for v in present}
+    within = np.mean([mean[y == v].var(0) for v in present], axis=0)  # spread of the means inside a variant
+    noise = variance.mean(0)
+    rows = {}
+    for a, b in itertools.combinations(present, 2):
+        gap = (centre[a] - centre[b]) ** 2
+        rows[(a, b)] = {"means": float((gap / (within + 1e-12)).sum()),
+                        "samples": float((gap / (within + noise)).sum())}
+    return pd.DataFrame(rows).T.rename_axis([f"{attribute} a", f"{attribute} b"])
 
 
 def motion_breakdown(confusion):

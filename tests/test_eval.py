@@ -206,6 +206,37 @@ def test_latent_probe_stages_follow_a_factor_from_the_frames_to_a_sample_of_f(tr
     assert other.drop("f sample").equals(table.drop("f sample")) and not other.loc["f sample"].equals(table.loc["f sample"])
 
 
+class _NoisyPixelCodes(_PixelCodes):
+    """_PixelCodes with a posterior of known variance exp(logvar) around them."""
+
+    def __init__(self, logvar):
+        super().__init__()
+        self.logvar = logvar
+
+    def encode(self, x, sample=True):
+        post = super().encode(x, sample)
+        return post._replace(f_logvar=torch.full_like(post.f_mean, self.logvar))
+
+
+def test_code_separation_keeps_apart_what_a_code_holds_and_counts_the_posterior_noise(test_split):
+    """Pixel codes hold the pants colour: light grey (0) and dark green (5) pants are far apart (d'^2 >= 9) in the
+    means. With a near-zero posterior variance the samples are as far apart as the means; a wide posterior pulls
+    them together, and a constant code separates nothing."""
+    exact = dsae.code_separation(_NoisyPixelCodes(-30.0), test_split, "pants", limit=270)
+    assert list(exact.columns) == ["means", "samples"] and exact.index.names == ["pants a", "pants b"]
+    assert exact.loc[(0, 5), "means"] >= 9
+    assert np.allclose(exact["samples"], exact["means"], rtol=1e-3)
+    noisy = dsae.code_separation(_NoisyPixelCodes(2.0), test_split, "pants", limit=270)
+    assert noisy["means"].equals(exact["means"]) and (noisy["samples"] < 0.5 * noisy["means"]).all()
+
+    class Constant(_NoisyPixelCodes):
+        def encode(self, x, sample=True):
+            post = super().encode(x, sample)
+            return post._replace(f_mean=torch.ones_like(post.f_mean))
+
+    assert (dsae.code_separation(Constant(0.0), test_split, "pants", limit=270).to_numpy() == 0).all()
+
+
 def test_colour_readout_reads_the_colour_drawn_where_each_layer_shows(test_split, sheets_dir):
     """The judge-free colour reading: real sequences read right; the same sequences redrawn with another pants
     variant (composed from the sheets) read as that variant, and their skin still reads right; a grey smear reads
