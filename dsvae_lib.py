@@ -1827,6 +1827,8 @@ def code_separation(model, data: Sprites, attribute="pants", limit=2700, batch_s
     ("samples": the codes the decoder is trained on). d'^2 >= 9 (d' >= 3) keeps a pair apart; near 1 it overlaps.
     A DataFrame indexed by (variant a, variant b), a < b."""
     import pandas as pd
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute {attribute!r} is not one of the Sprites attributes; choose one of {ATTRIBUTES}")
     post = encode_posteriors(model, data, limit, batch_size)
     mean, variance = post.f_mean.double().cpu().numpy(), post.f_logvar.double().exp().cpu().numpy()
     y = data.attributes[:len(mean), ATTRIBUTES.index(attribute)]

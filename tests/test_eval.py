@@ -235,6 +235,8 @@ def test_code_separation_keeps_apart_what_a_code_holds_and_counts_the_posterior_
             return post._replace(f_mean=torch.ones_like(post.f_mean))
 
     assert (dsae.code_separation(Constant(0.0), test_split, "pants", limit=270).to_numpy() == 0).all()
+    with pytest.raises(ValueError, match="'shoes' is not one of the Sprites attributes"):
+        dsae.code_separation(Constant(0.0), test_split, "shoes", limit=270)
 
 
 def test_colour_readout_reads_the_colour_drawn_where_each_layer_shows(test_split, sheets_dir):
