@@ -264,6 +264,16 @@ MOTIONS = tuple(f"{a}-{d}" for a in ACTIONS for d in DIRECTIONS)  # motion label
 ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}  # sheet row for front, left, right
 COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4, 5, 4, 6), "slash": (0, 1, 2, 3, 4, 5, 4, 0)}
 N_MOTIONS = len(MOTIONS)
+
+
+def attribute_index(name):
+    """The position of attribute `name` in ATTRIBUTES (its column in Sprites.attributes); an unknown name is an error
+    that lists the valid ones."""
+    if name not in ATTRIBUTES:
+        raise ValueError(f"attribute {name!r} is not one of the Sprites attributes; choose one of {ATTRIBUTES}")
+    return ATTRIBUTES.index(name)
+
+
 T, CELL = 8, 64  # frames per sequence; side of a sheet cell, which is a frame: 64 x 64 pixels
 FRAME = (3, CELL, CELL)  # one frame as the model reads it: channels, height, width
 FEATURE = 8  # side of the convolutional feature map: the frame after three stride-2 convolutions (64 / 2**3)
@@ -1726,9 +1736,9 @@ def colour_readout(videos, data: Sprites, attributes=("skin", "pants"), sheets=N
     pixels is nearest. `videos`: uint8 (n, T, 64, 64, 3) of the first n sequences of `data`.
     Returns ({attribute: % read right}, DataFrame (attribute, variant) -> true and drawn mean R, G, B and % read)."""
     import pandas as pd
+    index = {a: attribute_index(a) for a in attributes}
     strips = _strips(str(find_sheets(sheets)))
     n, attrs = len(videos), data.attributes[:len(videos)]
-    index = {a: ATTRIBUTES.index(a) for a in attributes}
     read = {a: np.zeros(n, int) for a in attributes}
     true_colour, drawn_colour = {a: np.zeros((n, 3)) for a in attributes}, {a: np.zeros((n, 3)) for a in attributes}
     for c in np.unique(data.character[:n]):
@@ -1827,11 +1837,10 @@ def code_separation(model, data: Sprites, attribute="pants", limit=2700, batch_s
     ("samples": the codes the decoder is trained on). d'^2 >= 9 (d' >= 3) keeps a pair apart; near 1 it overlaps.
     A DataFrame indexed by (variant a, variant b), a < b."""
     import pandas as pd
-    if attribute not in ATTRIBUTES:
-        raise ValueError(f"attribute {attribute!r} is not one of the Sprites attributes; choose one of {ATTRIBUTES}")
+    column = attribute_index(attribute)
     post = encode_posteriors(model, data, limit, batch_size)
     mean, variance = post.f_mean.double().cpu().numpy(), post.f_logvar.double().exp().cpu().numpy()
-    y = data.attributes[:len(mean), ATTRIBUTES.index(attribute)]
+    y = data.attributes[:len(mean), column]
     present = [v for v in range(N_VARIANTS) if (y == v).any()]
     centre = {v: mean[y == v].mean(0) for v in present}
     within = np.mean([mean[y == v].var(0) for v in present], axis=0)  # spread of the means inside a variant

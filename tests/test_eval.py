@@ -258,3 +258,5 @@ def test_colour_readout_reads_the_colour_drawn_where_each_layer_shows(test_split
     grey = np.full_like(real, 110)
     accuracy, _ = dsae.colour_readout(grey, test_split, sheets=sheets_dir)
     assert max(accuracy.values()) <= 100 * max(np.bincount(test_split.attributes[:n, i]).max() / n for i in (0, 1))
+    with pytest.raises(ValueError, match="'shoes' is not one of the Sprites attributes"):
+        dsae.colour_readout(real, test_split, attributes=("skin", "shoes"), sheets=sheets_dir)
