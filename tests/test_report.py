@@ -80,7 +80,9 @@ def test_profile_record_holds_config_judge_limit_and_figures(monkeypatch):
     assert dsae.judge_config("smoke").width == smoke.judge["width"]
     assert dsae.judge_config("cpu").test_limit is None and dsae.get_profile("cpu").of_record
     mirror, cpu = dsae.make_config("cpu-mirror").__dict__, dsae.make_config("cpu").__dict__
-    assert {k for k in cpu if cpu[k] != mirror[k]} == {"profile", "f_mirror"} and mirror["f_mirror"]
+    # the same model and schedule but for the mirror and its epochs (the mirror's weights have 16, the profile 32)
+    assert {k for k in cpu if cpu[k] != mirror[k]} == {"profile", "f_mirror", "epochs"} and mirror["f_mirror"]
+    assert (mirror["epochs"], cpu["epochs"]) == (16, 32)
     assert dsae.faithful_to_paper(cpu) and not dsae.faithful_to_paper(mirror)
     assert not dsae.get_profile("cpu-mirror").of_record  # its report is never the one of record
     assert dsae.judge_config("cpu-mirror") == dsae.judge_config("cpu")  # read by the same judge
