@@ -1073,19 +1073,24 @@ def bf16_supported(device_type):
     return supported
 
 
-def compile_pays(config: Config, device):
-    """Whether the training step is compiled: config.compile when set; when None, where compiling was measured to
-    pay for itself (benchmarks/train_throughput.py, cpu profile, 2 cores): a CPU step in fp32 (no native bf16, or
-    bf16 off) with a C++ compiler present. There compile + channels_last took 2.01 s a step against 2.34 s (AMD
-    EPYC, AVX2; factorised q), and its 60 s of compiling were repaid after about 170 steps, within the first
-    epoch (360 steps); the full q, whose RNNs break the graph, took 2.30 s against 2.47 s. In bf16 on a CPU with
-    AMX it was slower (0.53 s against 0.48 s). CUDA is unmeasured: eager. Compiled steps draw their own noise (same
-    distribution), so a compiled run is not bit-identical to an eager one."""
+COMPILE_STEPS = 1500  # a run this many steps long repays compiling: about twice the slowest pay-off measured
+
+
+def compile_pays(config: Config, device, steps=None):
+    """Whether the training step is compiled: config.compile when set; when None, on a CPU with a C++ compiler, for a
+    run of at least COMPILE_STEPS steps (`steps`: the steps still to train; None: long enough). Measured
+    (benchmarks/train_throughput.json; cpu profile, 2 cores, 3 interleaved repeats, medians): with AMX bf16 +
+    channels-last a compiled step took 0.513 s against 0.564 s (factorised q) and 0.539 s against 0.594 s (full q,
+    whose RNNs break the graph), and its 37-42 s of compiling from scratch were repaid after 689 and 740 steps (a
+    32-epoch run has 11 520); in fp32 (AMD EPYC, AVX2) 2.01 s against 2.34 s, repaid after about 170 steps. An
+    earlier bf16 run measured the compiled step slower (0.53 s against 0.48 s); the interleaved repeats above did
+    not. CUDA is unmeasured: eager. Compiled steps draw their own noise (same distribution), so a compiled run is not
+    bit-identical to an eager one."""
     if config.compile is not None:
         return config.compile
-    device = torch.device(device)
-    fp32 = not (config.bf16 and bf16_supported(device.type))
-    return device.type == "cpu" and fp32 and shutil.which(os.environ.get("CXX", "g++")) is not None
+    long_enough = steps is None or steps >= COMPILE_STEPS
+    return torch.device(device).type == "cpu" and long_enough and \
+        shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
 def _autocast(device, bf16=True):
@@ -1343,7 +1348,8 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
     test_data = load_sprites("test") if test_data is None else test_data
     train_batches = Batches(train_data, config.batch_size, device, seed=config.seed, limit=config.train_limit)
     test_batches = Batches(test_data, 100, device, shuffle=False, limit=config.eval_limit)
-    step = torch.compile(model) if compile_pays(config, device) else model
+    steps = (config.epochs - start) * len(train_batches)
+    step = torch.compile(model) if compile_pays(config, device, steps) else model
     for epoch in range(start, config.epochs):
         model.train()
         train_batches.epoch = epoch
