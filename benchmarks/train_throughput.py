@@ -71,7 +71,7 @@ def measure(profile, q_z, mode, steps):
     """Run in a child process: time `steps` training steps after warm-up, and the data path alone."""
     import torch
     import dsvae_lib as dsae
-    config = dsae.make_config(profile, device="auto", **MODES[mode], **({"q_z": q_z} if q_z != "-" else {}))
+    config = dsae.make_config(profile, device="auto", q_z=q_z, **MODES[mode])
     device = dsae.pick_device(config.device)
     dsae.seed_everything(0)
     data = dsae.load_sprites("train")
@@ -104,7 +104,8 @@ def measure(profile, q_z, mode, steps):
     sync()
     data_s = (time.perf_counter() - t0) / (3 * len(batches))
     params = sum(p.numel() for p in model.parameters())
-    return {"profile": profile, "q_z": config.q_z, "mode": mode, "device": torch.cuda.get_device_name() if device.type == "cuda"
+    return {"profile": profile, "q_z": q_z, "mode": mode,
+            "device": torch.cuda.get_device_name() if device.type == "cuda"
             else f"cpu ({torch.get_num_threads()} threads)", "parameters": params, "batch": config.batch_size,
             "step_s": step_s, "seq_per_s": config.batch_size / step_s, "data_s": data_s, "warmup_s": warmup_s,
             "bf16_native": dsae.bf16_supported(device.type),
@@ -129,9 +130,10 @@ def main():
         os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
         print(json.dumps(measure(*args.child, args.steps)))
         return
+    import dsvae_lib as dsae
     parser_modes = args.modes or list(MODES)
     rows = []
-    for profile, q_z in [(p, q) for p in args.profiles for q in (args.q_z or ["-"])]:
+    for profile, q_z in [(p, q) for p in args.profiles for q in (args.q_z or [dsae.make_config(p).q_z])]:
         runs = {mode: [] for mode in parser_modes}
         for _ in range(args.repeats):
             for mode in parser_modes:
@@ -139,8 +141,8 @@ def main():
                                       "--steps", str(args.steps)], capture_output=True, text=True, check=True)
                 runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = runs[mode][-1]
-                print(f"{r['profile']:6} {r['q_z']:10} {r['mode']:31} {r['parameters'] / 1e6:8.2f}M {r['step_s']:9.3f} s/step "
-                      f"{r['seq_per_s']:8.1f} seq/s  data {100 * r['data_fraction']:5.2f} %  "
+                print(f"{r['profile']:6} {r['q_z']:10} {r['mode']:31} {r['parameters'] / 1e6:8.2f}M "
+                      f"{r['step_s']:9.3f} s/step {r['seq_per_s']:8.1f} seq/s  data {100 * r['data_fraction']:5.2f} %  "
                       f"peak RSS {r['peak_rss_mib']:7.0f} MiB  steal {r['cpu_steal_pct']:4.1f} %"
                       + (f"  peak CUDA {r['peak_cuda_mib']:.0f} MiB" if r['peak_cuda_mib'] else ""), flush=True)
         rows += [median_row(runs[mode]) for mode in parser_modes]
@@ -149,11 +151,11 @@ def main():
         base = by_mode.get((r["profile"], r["q_z"], "fp32 eager"))
         r["speedup_vs_fp32_eager"] = r["seq_per_s"] / base["seq_per_s"] if base else float("nan")
         # compiling pays against the same mode uncompiled: what the first two steps cost beyond two ordinary steps
-        # of that mode, over what each later step saves
+        # of that mode, over what each later step saves (uncompiled modes never pay anything off)
         uncompiled = by_mode.get((r["profile"], r["q_z"], r["mode"].removesuffix(" + compile")))
-        saved = uncompiled["step_s"] - r["step_s"] if uncompiled and uncompiled is not r else 0.0
-        extra = r["warmup_s"] - 2 * uncompiled["step_s"] if uncompiled else 0.0
-        r["steps_to_pay_off"] = (max(extra, 0.0) / saved) if saved > 0 else float("inf")
+        saved = uncompiled["step_s"] - r["step_s"] if r["mode"].endswith(" + compile") and uncompiled else 0.0
+        extra = r["warmup_s"] - 2 * uncompiled["step_s"] if saved > 0 else 0.0
+        r["steps_to_pay_off"] = max(extra, 0.0) / saved if saved > 0 else float("inf")
     host = machine()
     Path(args.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": host, "steps": args.steps,
                                           "repeats": args.repeats, "rows": rows}, indent=1))
@@ -166,8 +168,8 @@ def main():
         peak = r["peak_cuda_mib"] or r["peak_rss_mib"]
         spread = f"{min(r['repeats_step_s']):.3f}-{max(r['repeats_step_s']):.3f}"
         pays = f"{r['steps_to_pay_off']:.0f}" if r["mode"].endswith("compile") else ""
-        print(f"{r['profile']:8}{r['q_z']:11}{r['mode']:33}{r['parameters'] / 1e6:9.2f}M{r['step_s']:10.3f}{spread:>14}"
-              f"{r['seq_per_s']:9.1f}{100 * r['data_fraction']:8.2f}{r['speedup_vs_fp32_eager']:10.2f}"
+        print(f"{r['profile']:8}{r['q_z']:11}{r['mode']:33}{r['parameters'] / 1e6:9.2f}M{r['step_s']:10.3f}"
+              f"{spread:>14}{r['seq_per_s']:9.1f}{100 * r['data_fraction']:8.2f}{r['speedup_vs_fp32_eager']:10.2f}"
               f"{r['warmup_s']:11.1f}{pays:>11}{peak:10.0f}{r['cpu_steal_pct']:9.1f}")
     print(f"written to {args.out}")
 
