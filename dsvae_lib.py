@@ -189,14 +189,17 @@ PROFILES = {
     "paper": Profile(),
     "gpu": Profile(config=dict(epochs=60)),
     "cpu": Profile(config=_CPU, ablations=("cpu-mirror",)),
-    # beyond the paper: the cpu profile with a mirror-invariant q(f|x) (Config.f_mirror), with its own weights;
-    # the report of record (profile cpu) evaluates it beside the paper's model, into figures/cpu-mirror/
-    "cpu-mirror": Profile(config={**_CPU, "f_mirror": True, "epochs": 16}, figures="figures/cpu-mirror",
-                          of_record=False,
-                          note="The `cpu` profile's model with `f_mirror=true`, trained 16 epochs (the `cpu` profile "
-                               "trains 32): q(f|x) reads each sequence together with its left-right mirror image, so "
-                               "f cannot hold the facing and z must. The objective, the latent sizes and the "
-                               "parameters are the paper's; this q(f|x) is not."),
+    # beyond the paper: the cpu profile's weights of record, trained 6 more epochs with a mirror-invariant q(f|x)
+    # (Config.f_mirror), into weights of their own; the report of record (profile cpu) evaluates it beside the
+    # paper's model, into figures/cpu-mirror/
+    "cpu-mirror": Profile(config={**_CPU, "f_mirror": True, "epochs": 6, "lr": 3e-4, "judge_every": 1,
+                                  "init": "weights/cpu-{q_z}.pt"},
+                          figures="figures/cpu-mirror", of_record=False,
+                          note="The `cpu` profile's weights of record (32 epochs of the paper's model and ELBO), "
+                               "trained 6 more epochs with `f_mirror=true` (Adam 3e-4, cosine to 0): q(f|x) reads "
+                               "each sequence together with its left-right mirror image, so f cannot hold the facing "
+                               "and z must. The objective, the latent sizes and the parameters are the paper's; this "
+                               "q(f|x) and the warm start are not."),
     # beyond the paper: the cpu profile trained with KL annealing (Config.kl_warmup); a study run, no weights
     "cpu-anneal": Profile(config={**_CPU, "kl_warmup": 5, "epochs": 16}, figures="figures/cpu-anneal", of_record=False,
                           note="The `cpu` profile with `kl_warmup=5`: both KL weights rise linearly from 0 to 1 over "
@@ -225,7 +228,10 @@ def make_config(profile="paper", **overrides) -> Config:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; valid fields are {sorted(fields)}")
-    return Config(profile=profile, **{**base, **overrides})
+    fields = {**base, **overrides}
+    if isinstance(fields.get("init"), str):  # a profile's warm start names the file of its own q variant
+        fields["init"] = fields["init"].replace("{q_z}", fields.get("q_z", Config.q_z))
+    return Config(profile=profile, **fields)
 
 
 def default_profile(requested=None):
@@ -1284,6 +1290,8 @@ def _warm_start(config: Config):
     if config.init is None or (config.path / "checkpoint.pt").is_file():  # a resumed run has its own state
         return None
     path = Path(config.init)
+    if not path.is_absolute() and not path.is_file() and (ROOT / path).is_file():  # a profile's, from anywhere
+        path = ROOT / path
     if not path.is_file():
         raise FileNotFoundError(f"init={config.init!r}: no such checkpoint or weights file; pass the path of a "
                                 f"training checkpoint (runs/<run>/checkpoint.pt) or a weights file (weights/*.pt)")
@@ -1404,8 +1412,9 @@ def weights_path(profile, q_z, folder=None):
 
 def export_weights(checkpoint, out, expected: Config | None = None):
     """A training checkpoint -> a weights file of record: the model state in half precision with the config,
-    epoch count and training history (no optimiser, scheduler or RNG state), written atomically. With `expected`
-    (the profile's config), a checkpoint of another configuration or with fewer epochs is refused first."""
+    epoch count, training history and warm start record (no optimiser, scheduler or RNG state), written atomically.
+    With `expected` (the profile's config), a checkpoint of another configuration or with fewer epochs is refused
+    first."""
     ckpt = _read_checkpoint(checkpoint, "cpu")
     if expected is not None:
         fix = f"train the profile's own run (python dsvae_lib.py train --profile {expected.profile} --set " \
@@ -1419,7 +1428,7 @@ def export_weights(checkpoint, out, expected: Config | None = None):
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     _atomic_save({"config": ckpt["config"], "model": state, "epoch": ckpt["epoch"], "history": ckpt["history"],
-                  "source sha256": sha256(checkpoint)}, out)
+                  "init": ckpt.get("init"), "source sha256": sha256(checkpoint)}, out)
     return Path(out)
 
 
@@ -1908,7 +1917,8 @@ def faithful_to_paper(config: dict):
 def profile_comparison(results):
     """Profiles side by side ({profile: evaluate_profile result}): one row per profile and q variant with the
     headline metrics (mean over the sampling seeds, %), the first seed's motion split (`motion_breakdown`), whether
-    the profile keeps the paper's model and objective, its held-out -ELBO and its training time."""
+    the profile keeps the paper's model and objective, its held-out -ELBO and its training time (a warm start's counts
+    the training of the file it started from)."""
     import pandas as pd
     rows = {}
     for name, result in results.items():
@@ -1922,11 +1932,16 @@ def profile_comparison(results):
                                **{f"f kept: {a} %": 100 * mean[f"f kept: {a}"] for a in ATTRIBUTES},
                                **{f"recon: {a} %": 100 * mean[f"recon: {a}"] for a in ("skin", "pants")},
                                "test -ELBO": run["final ELBO terms"]["test_loss"],
-                               "train min": run["train seconds"] / 60}
+                               "train min": (run["train seconds"] + (run.get("init") or {}).get("seconds", 0)) / 60}
     return pd.DataFrame(rows).T.rename_axis(["profile", "q(z)"])
 
 
 README_BEGIN, README_END = "<!-- results:begin (written by `python dsvae_lib.py readme`) -->", "<!-- results:end -->"
+
+
+def _epochs_label(run):
+    """A run's epochs as a report names them: "32", or "32 + 6" for 6 epochs warm-started from a 32-epoch file."""
+    return f"{run['init']['epochs']} + {run['epochs']}" if run.get("init") else f"{run['epochs']}"
 
 
 def results_markdown(metrics):
@@ -1943,10 +1958,15 @@ def results_markdown(metrics):
              + (f" (judge file SHA-256 `{judge_sha[:16]}…`)" if (judge_sha := metrics["judge"].get("sha256")) else "")
              + ".", ""]
     for q, run in runs.items():
-        c = run["config"]
+        c, init = run["config"], run.get("init")
+        minutes = run["train seconds"] / 60
+        trained = (f"{run['epochs']} epochs, training seed {c['seed']}, {minutes:.0f} min of training" if not init else
+                   f"{_epochs_label(run)} epochs: warm-started from `{init['path']}` (SHA-256 "
+                   f"`{init['sha256'][:16]}…`, {init['epochs']} epochs, {init['seconds'] / 60:.0f} min), then "
+                   f"{run['epochs']} epochs with training seed {c['seed']} in {minutes:.0f} min")
         lines.append(f"- q(z) {q}: `{run['checkpoint']}` (SHA-256 `{run['checkpoint sha256'][:16]}…`), "
-                     f"{run['epochs']} epochs, training seed {c['seed']}, {run['train seconds'] / 60:.0f} min of "
-                     f"training; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, beta_f {c.get('beta_f', 1.0)}, "
+                     f"{trained}; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, "
+                     f"beta_f {c.get('beta_f', 1.0)}, "
                      f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
                      + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_film") if c.get(k))
                      + (f", KL annealed over {c['kl_warmup']:g} epochs (beyond the paper)" if c.get("kl_warmup") else ""))
@@ -1954,8 +1974,8 @@ def results_markdown(metrics):
               "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]
     for q, run in runs.items():
         s = run["summary"]
-        lines.append(f"| ours, `{metrics['profile']}`, {q} q, {run['epochs']} epochs | {pct(s, 'z kept: motion')} | "
-                     f"{num(s, 'z kept: IS')} | {num(s, 'z kept: H(y|x)')} | {num(s, 'z kept: H(y)')} |")
+        lines.append(f"| ours, `{metrics['profile']}`, {q} q, {_epochs_label(run)} epochs | "
+                     f"{pct(s, 'z kept: motion')} | {num(s, 'z kept: IS')} | {num(s, 'z kept: H(y|x)')} | {num(s, 'z kept: H(y)')} |")
     for name, row in metrics["published"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row.values()) + " |")
     split = {q: motion_breakdown(run["confusions (first seed)"]["motion"]) for q, run in runs.items()}
@@ -2042,6 +2062,81 @@ def figures_dir(profile):
     return Path(os.environ.get("DSVAE_FIGURES") or ROOT / get_profile(profile).figures)
 
 
+def _shown_path(path):
+    """A file's path as a report shows it: relative to the repository when inside it."""
+    path = Path(path).absolute()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit=None, progress=True,
+                 train: Sprites | None = None):
+    """Every metric of one trained model (loaded from `path`, a training checkpoint or a weights file, as
+    (model, ckpt)) by the judge protocol on (the first `limit` of) `test`: the per-seed rows of `evaluate`, their
+    mean and std, the confusions of the first seed and the kinds of its motion errors (`motion_breakdown`); with
+    `train`, the latent probe too. It names what was evaluated: the file and its SHA-256, epochs, config, warm start,
+    training time and the last ELBO terms."""
+    codes = encode_all(model, test, limit)  # once, for the judge protocol and the probe
+    rows, confusions = evaluate(model, judge, test, seeds, limit, progress, codes=codes)
+    record = {"checkpoint": _shown_path(path), "checkpoint sha256": sha256(path), "epochs": ckpt["epoch"],
+              "config": ckpt["config"], "init": ckpt.get("init"),
+              "train seconds": sum(r["seconds"] for r in ckpt["history"]),
+              "final ELBO terms": {k: ckpt["history"][-1][k] for k in ("loss", "recon", "kl_f", "kl_z", "test_loss")},
+              "rows": rows, "summary": {k: dict(v) for k, v in summarise(rows).T.items()},
+              "confusions (first seed)": confusions,
+              "motion breakdown (first seed)": motion_breakdown(confusions["motion"])}
+    if train is not None:
+        record["latent probe %"] = latent_probe(model, train, test, limit=limit, test_codes=codes,
+                                                stages=True).to_dict("index")
+    return record
+
+
+def run_files(paths):
+    """{name: checkpoint file} of run folders (their checkpoint.pt, named by the folder) and checkpoint or weights
+    files (named without .pt); an error naming the first that is neither."""
+    files = {}
+    for p in map(Path, paths):
+        file = p / "checkpoint.pt" if p.is_dir() else p
+        if not file.is_file():
+            raise FileNotFoundError(f"{p}: no checkpoint.pt there and not a file; pass run folders such as "
+                                    f"runs/cpu-mirror-full or weights files such as weights/cpu-full.pt")
+        files[p.name if p.is_dir() else p.stem] = file
+    return files
+
+
+def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True):
+    """`evaluate_run` of training runs (folders holding checkpoint.pt, or checkpoint and weights files) read by the
+    judge of `profile`, without the latent probe; {"judge": ..., "runs": {name: record}} with each run named by its
+    folder (a file by its name without .pt). Written as JSON to `out` when given, under a lock: the runs already there
+    stay, and a run evaluated again replaces its entry, so a study's evaluations can grow run by run."""
+    files = run_files(paths)
+    device = pick_device()
+    jc = judge_config(profile)
+    judge, judge_acc = train_judge(jc, progress=progress)
+    judge, test = judge.to(device), load_sprites("test")
+    head = {"data": build_cache().name, "test sequences": jc.test_limit or len(test), "seeds": list(seeds),
+            "judge": {"profile": profile, "config": jc.__dict__, "test accuracy": judge_acc, "sha256": judge.sha256}}
+
+    def kept_runs():  # what `out` holds, if it was evaluated by the same protocol
+        kept = json.loads(out.read_text()) if out is not None and out.is_file() else {"runs": {}}
+        if kept["runs"] and {k: kept.get(k) for k in head} != json.loads(json.dumps(head, default=list)):
+            raise ValueError(f"{out} holds evaluations with another judge, data, test sequences or seeds; write "
+                             f"these to another file (--out) so that every row of one file compares")
+        return kept["runs"]
+
+    out = out and Path(out)
+    kept_runs()  # refused before the long part
+    evaluated = {name: evaluate_run(*load_checkpoint(file, device), file, judge, test, seeds, jc.test_limit,
+                                    progress) for name, file in files.items()}
+    if out is None:
+        return {**head, "runs": evaluated}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "a") as lock:  # two evaluations merging into one file
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = {**head, "runs": {**kept_runs(), **evaluated}}
+        _atomic_write_text(out, json.dumps(result, indent=1, default=list))
+    return result
+
+
 def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=True):
     """Judge accuracy and every metric for each trained q variant of `profile` (its weights of record when
     `weights` and committed, else its runs under runs/); written as JSON to `out` (default: metrics.json in
@@ -2072,19 +2167,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
               "published": PUBLISHED, "runs": {}}
     for q, path in runs.items():
         model, ckpt = loaded[q]
-        codes = encode_all(model, test, jc.test_limit)  # once, for the judge protocol and the probe
-        rows, confusions = evaluate(model, judge, test, seeds, jc.test_limit, progress, codes=codes)
-        summary = summarise(rows)
-        result["runs"][q] = {"checkpoint": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
-                             "checkpoint sha256": sha256(path),
-                             "epochs": ckpt["epoch"], "config": ckpt["config"],
-                             "train seconds": sum(r["seconds"] for r in ckpt["history"]),
-                             "final ELBO terms": {k: ckpt["history"][-1][k] for k in
-                                                  ("loss", "recon", "kl_f", "kl_z", "test_loss")},
-                             "rows": rows, "summary": {k: dict(v) for k, v in summary.T.items()},
-                             "confusions (first seed)": confusions,
-                             "latent probe %": latent_probe(model, train, test, limit=jc.test_limit,
-                                                              test_codes=codes, stages=True).to_dict("index")}
+        result["runs"][q] = evaluate_run(model, ckpt, path, judge, test, seeds, jc.test_limit, progress, train)
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))
@@ -2820,6 +2903,12 @@ def main(argv=None):
     p = sub.add_parser("study", help="add training runs (their histories) to figures/study.json")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding checkpoint.pt")
     p.add_argument("--out", default=str(ROOT / "figures" / "study.json"))
+    p = sub.add_parser("evaluate",
+                       help="judge-protocol metrics of training runs, added to figures/study-evaluations.json")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding checkpoint.pt, or weights files")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="whose judge reads them; " + help_profile)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampling seeds (default: 0 1 2)")
+    p.add_argument("--out", default=str(ROOT / "figures" / "study-evaluations.json"))
     p = sub.add_parser("readme", help="rewrite the README's results section from the profile's metrics.json")
     p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     r = sub.add_parser("report", help="run the notebooks into reports/ (HTML, index.html); copy back when of record")
@@ -2852,6 +2941,14 @@ def _command(parser, args, profile):
             parser.error(f"no checkpoint.pt in {missing}; pass run folders such as runs/cpu-full")
         study = collect_study(args.runs, out=args.out)
         print(f"{args.out}: {len(study)} runs ({', '.join(study)})")
+        return
+    if args.command == "evaluate":
+        result = evaluate_runs(args.runs, profile, args.out, tuple(args.seeds))
+        keys = ("z kept: motion", "z kept: IS", *(f"f kept: {a}" for a in ATTRIBUTES), "recon: skin", "recon: pants")
+        for name in run_files(args.runs):
+            summary = result["runs"][name]["summary"]
+            print(name, "  ".join(f"{k} {summary[k]['mean'] * (1 if 'IS' in k else 100):.2f}" for k in keys))
+        print(f"{args.out}: {len(result['runs'])} runs")
         return
     if args.command == "readme":
         if not get_profile(profile).of_record:

@@ -80,9 +80,17 @@ def test_profile_record_holds_config_judge_limit_and_figures(monkeypatch):
     assert dsae.judge_config("smoke").width == smoke.judge["width"]
     assert dsae.judge_config("cpu").test_limit is None and dsae.get_profile("cpu").of_record
     mirror, cpu = dsae.make_config("cpu-mirror").__dict__, dsae.make_config("cpu").__dict__
-    # the same model and schedule but for the mirror and its epochs (the mirror's weights have 16, the profile 32)
-    assert {k for k in cpu if cpu[k] != mirror[k]} == {"profile", "f_mirror", "epochs"} and mirror["f_mirror"]
-    assert (mirror["epochs"], cpu["epochs"]) == (16, 32)
+    # the same model, warm-started from the cpu profile's weights of record of its own q variant: 6 epochs, lr 3e-4
+    assert {k for k in cpu if cpu[k] != mirror[k]} == {"profile", "f_mirror", "epochs", "lr", "judge_every", "init"}
+    assert mirror["f_mirror"] and (mirror["epochs"], mirror["lr"], cpu["epochs"]) == (6, 3e-4, 32)
+    for q in ("factorised", "full"):
+        init = dsae.make_config("cpu-mirror", q_z=q).init
+        assert init == f"weights/cpu-{q}.pt" and (dsae.ROOT / init).is_file()
+    assert dsae.make_config("cpu-mirror", q_z="full", init=None).init is None  # a --set init=... is taken as given
+    monkeypatch.chdir(dsae.ROOT.parent)  # the profile's warm start is found from any working folder
+    record = dsae._warm_start(dsae.make_config("cpu-mirror", q_z="full", run_dir=str(dsae.ROOT / "runs" / "none")))
+    assert record["record"]["sha256"] == dsae.sha256(dsae.weights_path("cpu", "full")) and record["record"]["epochs"] == 32
+    monkeypatch.chdir(dsae.ROOT)
     assert dsae.faithful_to_paper(cpu) and not dsae.faithful_to_paper(mirror)
     assert not dsae.get_profile("cpu-mirror").of_record  # its report is never the one of record
     assert dsae.judge_config("cpu-mirror") == dsae.judge_config("cpu")  # read by the same judge
@@ -253,8 +261,9 @@ def test_index_shows_the_ablations_beside_the_paper_only_when_evaluated(tmp_path
     (tmp_path / "figures" / "metrics.json").write_text(json.dumps(metrics))
     dsae.write_index(tmp_path, "cpu", ["04_evaluation.ipynb"])
     assert "Beyond the paper" not in (tmp_path / "index.html").read_text()
-    mirror = {**metrics, "profile": "cpu-mirror", "runs": {q: {**run, "config": {**run["config"], "f_mirror": True}}
-                                                           for q, run in metrics["runs"].items()}}
+    init = {"path": "weights/cpu-full.pt", "sha256": "0" * 64, "epochs": 32, "seconds": 6000.0}  # a warm start
+    mirror = {**metrics, "profile": "cpu-mirror", "runs": {q: {**run, "config": {**run["config"], "f_mirror": True},
+                                                               "init": init} for q, run in metrics["runs"].items()}}
     (tmp_path / "figures" / "cpu-mirror" / "metrics.json").write_text(json.dumps(mirror))
     dsae.write_index(tmp_path, "cpu", ["04_evaluation.ipynb"])
     page = (tmp_path / "index.html").read_text()
@@ -264,6 +273,9 @@ def test_index_shows_the_ablations_beside_the_paper_only_when_evaluated(tmp_path
     assert table["paper's model and objective"].to_dict() == {
         ("cpu", "factorised"): "yes", ("cpu", "full"): "yes", ("cpu-mirror", "factorised"): "no",
         ("cpu-mirror", "full"): "no"}
+    for q, run in metrics["runs"].items():  # a warm start's training time counts the file's, and so do its epochs
+        assert table.loc[("cpu-mirror", q), "train min"] == pytest.approx((run["train seconds"] + 6000) / 60, abs=0.05)
+        assert f"| ours, `cpu-mirror`, {q} q, 32 + {run['epochs']} epochs |" in dsae.results_markdown(mirror)
 
 
 def test_report_copies_back_only_when_of_record_or_asked(tmp_path):

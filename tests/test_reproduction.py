@@ -146,6 +146,36 @@ def test_disentanglement_is_logged_during_training(tmp_path):
     assert list(json.loads((tmp_path / "study.json").read_text())) == ["tracked", "plain"]
 
 
+def test_study_runs_are_evaluated_by_the_protocol_of_the_weights_of_record(tmp_path, capsys):
+    """`dsvae evaluate` gives a run the same per-seed rows as `evaluate` with its profile's judge, and names what it
+    read; its file grows run by run (a run evaluated again replaces its entry), refuses rows of another protocol
+    without touching what it holds, and a path that is no run is refused before anything is read."""
+    run = tmp_path / "a"
+    dsae.train(dsae.make_config("smoke", run_dir=str(run)), progress=False)
+    out = tmp_path / "evaluations.json"
+    dsae.main(["evaluate", str(run), "--profile", "smoke", "--seeds", "0", "--out", str(out)])
+    got = json.loads(out.read_text())
+    model, ckpt = dsae.load_checkpoint(run / "checkpoint.pt")
+    judge = dsae.train_judge(dsae.judge_config("smoke"), progress=False)[0]
+    rows, confusions = dsae.evaluate(model, judge, dsae.load_sprites("test"), (0,), 270, progress=False)
+    assert got["runs"]["a"]["rows"] == json.loads(json.dumps(rows))
+    assert got["runs"]["a"]["motion breakdown (first seed)"] == dsae.motion_breakdown(confusions["motion"])
+    assert got["judge"]["sha256"] == judge.sha256 and got["test sequences"] == 270 and got["seeds"] == [0]
+    assert got["runs"]["a"]["checkpoint sha256"] == dsae.sha256(run / "checkpoint.pt")
+    assert "z kept: motion" in capsys.readouterr().out
+    weights = dsae.export_weights(run / "checkpoint.pt", tmp_path / "b.pt")
+    dsae.main(["evaluate", str(weights), str(run), "--profile", "smoke", "--seeds", "0", "--out", str(out)])
+    grown = json.loads(out.read_text())
+    assert list(grown["runs"]) == ["a", "b"] and grown["runs"]["a"]["rows"] == got["runs"]["a"]["rows"]
+    before = out.read_bytes()
+    with pytest.raises(SystemExit):
+        dsae.main(["evaluate", str(run), "--profile", "smoke", "--seeds", "1", "--out", str(out)])
+    assert "another judge, data, test sequences or seeds" in capsys.readouterr().err and out.read_bytes() == before
+    with pytest.raises(SystemExit):
+        dsae.main(["evaluate", str(tmp_path / "nothing"), "--profile", "smoke", "--out", str(out)])
+    assert "no checkpoint.pt there" in capsys.readouterr().err and out.read_bytes() == before
+
+
 def test_weights_file_round_trips(tmp_path, batch):
     """export_weights keeps the model in half precision (plus config, epochs, history); load_checkpoint gives
     back a model whose outputs equal the trained model's with its parameters rounded to half precision."""
@@ -337,6 +367,8 @@ def test_warm_start_begins_from_the_given_weights_and_refuses_another_architectu
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert ckpt["init"] == {"path": str(weights), "sha256": dsae.sha256(weights), "epochs": 2,
                             "seconds": sum(r["seconds"] for r in saved["history"])}
+    exported = dsae.export_weights(tmp_path / "b" / "checkpoint.pt", tmp_path / "b.pt")  # the record goes along
+    assert torch.load(exported, weights_only=False)["init"] == ckpt["init"] and saved["init"] is None
     row = dsae.study_table(dsae.collect_study([tmp_path / "b"]), reference="smoke").loc["b"]
     assert row["changes"] == "warm start from w.pt (2 epochs), epochs=1, lr=1e-12" and row["epochs"] == "2 + 1 of 1"
     assert row["wall min"] == pytest.approx((ckpt["init"]["seconds"] + ckpt["history"][0]["seconds"]) / 60)
