@@ -2068,6 +2068,17 @@ def _shown_path(path):
     return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
 
 
+def _judge_protocol(profile, seeds, device, progress=True):
+    """(judge of `profile` on `device`, test split, what the metrics were read with: data, test sequences, sampling
+    seeds and the judge's config, test accuracy and SHA-256), shared by every evaluation so that its rows compare."""
+    jc = judge_config(profile)
+    judge, judge_acc = train_judge(jc, progress=progress)
+    test = load_sprites("test")
+    head = {"data": build_cache().name, "test sequences": jc.test_limit or len(test), "seeds": list(seeds),
+            "judge": {"config": jc.__dict__, "test accuracy": judge_acc, "sha256": judge.sha256}}
+    return judge.to(device), test, head
+
+
 def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit=None, progress=True,
                  train: Sprites | None = None):
     """Every metric of one trained model (loaded from `path`, a training checkpoint or a weights file, as
@@ -2110,11 +2121,8 @@ def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True
     stay, and a run evaluated again replaces its entry, so a study's evaluations can grow run by run."""
     files = run_files(paths)
     device = pick_device()
-    jc = judge_config(profile)
-    judge, judge_acc = train_judge(jc, progress=progress)
-    judge, test = judge.to(device), load_sprites("test")
-    head = {"data": build_cache().name, "test sequences": jc.test_limit or len(test), "seeds": list(seeds),
-            "judge": {"profile": profile, "config": jc.__dict__, "test accuracy": judge_acc, "sha256": judge.sha256}}
+    judge, test, head = _judge_protocol(profile, seeds, device, progress)
+    head["judge"] = {"profile": profile, **head["judge"]}
 
     def kept_runs():  # what `out` holds, if it was evaluated by the same protocol
         kept = json.loads(out.read_text()) if out is not None and out.is_file() else {"runs": {}}
@@ -2125,8 +2133,9 @@ def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True
 
     out = out and Path(out)
     kept_runs()  # refused before the long part
-    evaluated = {name: evaluate_run(*load_checkpoint(file, device), file, judge, test, seeds, jc.test_limit,
-                                    progress) for name, file in files.items()}
+    limit = judge_config(profile).test_limit
+    evaluated = {name: evaluate_run(*load_checkpoint(file, device), file, judge, test, seeds, limit, progress)
+                 for name, file in files.items()}
     if out is None:
         return {**head, "runs": evaluated}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -2157,17 +2166,12 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
             raise ValueError(f"{runs[q]} holds a run of profile {got[0]!r} with q_z={got[1]!r}, but lies in the "
                              f"folder of profile {profile!r} with q_z={q!r}; move it to the folder of its own run "
                              f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
-    jc = judge_config(profile)
-    judge, judge_acc = train_judge(jc, progress=progress)
-    test, train = load_sprites("test"), load_sprites("train")
-    judge = judge.to(device)
-    result = {"profile": profile, "data": build_cache().name, "test sequences": jc.test_limit or len(test),
-              "seeds": list(seeds),
-              "judge": {"config": jc.__dict__, "test accuracy": judge_acc, "sha256": judge.sha256},
-              "published": PUBLISHED, "runs": {}}
+    judge, test, head = _judge_protocol(profile, seeds, device, progress)
+    train = load_sprites("train")
+    result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
+    limit = judge_config(profile).test_limit
     for q, path in runs.items():
-        model, ckpt = loaded[q]
-        result["runs"][q] = evaluate_run(model, ckpt, path, judge, test, seeds, jc.test_limit, progress, train)
+        result["runs"][q] = evaluate_run(*loaded[q], path, judge, test, seeds, limit, progress, train)
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))
