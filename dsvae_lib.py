@@ -85,6 +85,8 @@ class Config:
     compile: bool | None = None     # torch.compile the training step; None: where it pays (compile_pays)
     bf16: bool = True               # bf16 autocast where the device supports it (CUDA, or a CPU with AVX-512 bf16/AMX)
     channels_last: bool = True      # channels-last memory format of the convolutions
+    fused_adam: bool = False        # Adam's update as one fused kernel (same update, other rounding); False:
+                                    # PyTorch's default multi-tensor Adam (no faster here: benchmarks/)
     run_dir: str | None = None      # default runs/<profile>-<q_z>
 
     def __post_init__(self):
@@ -847,12 +849,15 @@ class DynamicsPrior(nn.Module):
         out, _ = self.lstm(z_prev)
         return self.head(out)
 
-    def sample(self, n, t, device, generator=None):
-        """Ancestral sampling z_t ~ p(z_t | z_<t) on its own samples, t steps."""
+    def sample(self, n, t, device, generator=None, temperature=1.0):
+        """Ancestral sampling z_t ~ p(z_t | z_<t) on its own samples, t steps. A temperature below 1 scales every
+        step's standard deviation (a diagnostic; 0: the prior's mean path, fed back step by step)."""
         z_prev, state, zs = torch.zeros(n, 1, self.z_dim, device=device), None, []
         for _ in range(t):
             out, state = self.lstm(z_prev, state)
-            z_prev = reparameterize(*self.head(out), generator=generator)
+            mean, logvar = self.head(out)
+            z_prev = reparameterize(mean, logvar + 2 * math.log(temperature), generator=generator) \
+                if temperature > 0 else mean
             zs.append(z_prev)
         return torch.cat(zs, dim=1)
 
@@ -958,9 +963,9 @@ class DSAE(nn.Module):
         """f ~ p(f) = N(0, I)."""
         return torch.randn(n, self.config.f_dim, device=self.device, generator=generator)
 
-    def sample_z(self, n, t=T, generator=None):
-        """z_1:T ~ p(z_1:T), ancestrally from the learned prior."""
-        return self.prior_z.sample(n, t, self.device, generator)
+    def sample_z(self, n, t=T, generator=None, temperature=1.0):
+        """z_1:T ~ p(z_1:T), ancestrally from the learned prior (at `temperature`: DynamicsPrior.sample)."""
+        return self.prior_z.sample(n, t, self.device, generator, temperature)
 
     @torch.no_grad()
     def sample_prior(self, n, t=T):
@@ -1079,17 +1084,17 @@ def bf16_supported(device_type):
     return supported
 
 
-COMPILE_STEPS = 1500  # a run this many steps long repays compiling: about twice the slowest pay-off measured
+COMPILE_STEPS = 1500  # a run this many steps long repays compiling: 1.7 times the slowest pay-off measured (896)
 
 
 def compile_pays(config: Config, device, steps=None):
     """Whether the training step is compiled: config.compile when set; when None, on a CPU with a C++ compiler, for a
     run of at least COMPILE_STEPS steps (`steps`: the steps still to train; None: long enough). Measured
     (benchmarks/train_throughput.json; cpu profile, 2 cores, 3 interleaved repeats, medians): with AMX bf16 +
-    channels-last a compiled step took 0.513 s against 0.564 s (factorised q) and 0.539 s against 0.594 s (full q,
-    whose RNNs break the graph), and its 37-42 s of compiling from scratch were repaid after 689 and 740 steps (a
+    channels-last a compiled step took 0.422 s against 0.495 s (factorised q) and 0.470 s against 0.509 s (full q,
+    whose RNNs break the graph), and its 31-36 s of compiling from scratch were repaid after 414 and 896 steps (a
     32-epoch run has 11 520); in fp32 (AMD EPYC, AVX2) 2.01 s against 2.34 s, repaid after about 170 steps. An
-    earlier bf16 run measured the compiled step slower (0.53 s against 0.48 s); the interleaved repeats above did
+    earlier bf16 run measured the compiled step slower (0.53 s against 0.48 s); the interleaved repeats since have
     not. CUDA is unmeasured: eager. Compiled steps draw their own noise (same distribution), so a compiled run is not
     bit-identical to an eager one."""
     if config.compile is not None:
@@ -1112,6 +1117,12 @@ def build_model(config: Config, device=None):
     return model.to(memory_format=torch.channels_last) if config.channels_last else model
 
 
+def adam(model, config: Config):
+    """The optimiser of training: Adam with config.lr and config.betas; with config.fused_adam, its update runs as
+    one fused kernel (CPU and CUDA) instead of PyTorch's default multi-tensor loop."""
+    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas, fused=config.fused_adam or None)
+
+
 def _scheduler(optimizer, config):
     if config.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -1130,7 +1141,8 @@ def _atomic_write_text(path, text):
 def _comparable(config: Config):
     """Fields that must match for a run to be resumed (the epoch count may grow; the device may change)."""
     d = dict(config.__dict__)
-    for k in ("epochs", "device", "compile", "bf16", "channels_last", "run_dir", "judge_every", "judge_limit"):
+    for k in ("epochs", "device", "compile", "bf16", "channels_last", "fused_adam", "run_dir", "judge_every",
+              "judge_limit"):
         d.pop(k)
     d["betas"] = list(d["betas"])
     return d
@@ -1327,7 +1339,7 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
     judge = train_judge(judge_config(config.profile), progress=progress)[0].to(device) if config.judge_every else None
     seed_everything(config.seed)
     model = build_model(config, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    optimizer = adam(model, config)
     scheduler = _scheduler(optimizer, config)
     history, start, lr_changes = [], 0, []
     if ckpt_path.is_file():
@@ -1335,6 +1347,8 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
         _check_resume(Config(**ckpt["config"]), config, ckpt_path, change_lr)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups carry the saved run's kernel; this run's config wins
+            group["fused"], group["foreach"] = config.fused_adam or None, None
         scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
@@ -1671,6 +1685,11 @@ def _accuracy(probs, labels):
     return float((probs.argmax(1) == labels).mean())
 
 
+def swap_partners(n, seed):
+    """For each of n sequences a random partner b != a (sampling seed `seed`), whose z the swap decodes with a's f."""
+    return (np.arange(n) + np.random.RandomState(seed).randint(1, n, n)) % n if n > 1 else np.zeros(1, int)
+
+
 @torch.no_grad()
 def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=True, codes=None):
     """Every disentanglement metric on the test split, per sampling seed (a local generator per seed).
@@ -1709,8 +1728,7 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
         keep_z = judge_probs(judge, _decode_all(model, model.sample_f(n, generator=g), z))
         row["z kept: motion"] = _accuracy(keep_z["motion"][balanced], labels["motion"][balanced])
         row.update({f"z kept: {k}": v for k, v in inception_score(keep_z["motion"][balanced]).items()})
-        rng = np.random.RandomState(seed)
-        perm = (np.arange(n) + rng.randint(1, n, n)) % n if n > 1 else np.zeros(1, int)  # a partner b != a
+        perm = swap_partners(n, seed)
         swap = judge_probs(judge, _decode_all(model, f, z[torch.from_numpy(perm).to(z.device)]))
         for a in ATTRIBUTES:
             row[f"swap: {a} of a"] = _accuracy(swap[a], labels[a])
@@ -1742,6 +1760,33 @@ def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
         probs = {kind: judge_probs(judge, v) for kind, v in videos.items()}
         rows[name] = {f"{kind}: {a} %": 100 * _accuracy(probs[kind][a], labels[a][:n])
                       for kind in videos for a in ATTRIBUTES}
+    return pd.DataFrame(rows).T
+
+
+@torch.no_grad()
+def prior_temperature_readings(model, judge, data: Sprites, temperatures=(1.0, 0.75, 0.5, 0.25, 0.0), limit=None,
+                               seed=0):
+    """Where does content get lost when z is resampled: the four attributes with f kept and z_1:T drawn from the
+    prior at each temperature (1: the paper's test, as `evaluate` draws it with sampling seed `seed`; 0: the
+    prior's mean path), beside z of another test sequence (the swap's aggregate posterior) and the reconstructions.
+    If the misses shrink as the temperature falls, they come from prior samples away from where the posterior puts
+    z, not from content held in z. Returns a DataFrame (z's source x attribute, % read right)."""
+    import pandas as pd
+    model.eval()
+    f, z = encode_all(model, data, limit)
+    n = len(f)
+    labels = {h: v[:n] for h, v in labels_of(data).items()}
+    sources = {}
+    for tau in temperatures:
+        g = torch.Generator(model.device).manual_seed(seed)
+        sources[f"z ~ p(z), temperature {tau:g}"] = model.sample_z(n, generator=g, temperature=tau)
+    perm = swap_partners(n, seed)
+    sources["z of another sequence"] = z[torch.from_numpy(perm).to(z.device)]
+    sources["z of the sequence (reconstruction)"] = z
+    rows = {}
+    for name, z_source in tqdm(sources.items(), desc="z sources", leave=False):
+        probs = judge_probs(judge, _decode_all(model, f, z_source))
+        rows[name] = {a: 100 * _accuracy(probs[a], labels[a]) for a in ATTRIBUTES}
     return pd.DataFrame(rows).T
 
 

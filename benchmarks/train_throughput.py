@@ -7,7 +7,9 @@ Every (profile, mode) runs in a fresh process so its peak memory is its own. Wit
 run R times, interleaved (mode 1, 2, ..., then 1, 2, ... again), and each reports the median step time with its
 spread (min-max), so a slow spell of a shared machine falls on every mode alike rather than on one; the share of CPU
 time the hypervisor gave to other machines during the timed steps (steal, /proc/stat) is reported beside it. Modes:
-fp32 eager, bf16 autocast, bf16 + channels_last, and bf16 + channels_last + torch.compile, each with its speed-up
+fp32 eager (PyTorch's defaults, multi-tensor Adam), bf16 autocast, bf16 + channels_last, bf16 + channels_last +
+torch.compile (training's default on a CPU, for runs long enough), and that with Adam's update fused into one kernel
+(`fused_adam`, off by default: it measured no faster), each with its speed-up
 over fp32 eager (bf16 only where the device supports it: CUDA, or a CPU with AVX-512 bf16 / AMX). The compile row
 also reports the time of its first two (compiling) steps, compiled from scratch (torch's compile caches are off),
 and how many steps it takes for compilation to pay for itself against the same mode uncompiled (the choice
@@ -28,10 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = {"fp32 eager": dict(bf16=False, channels_last=False, compile=False),
-         "bf16": dict(bf16=True, channels_last=False, compile=False),
-         "bf16 + channels_last": dict(bf16=True, channels_last=True, compile=False),
-         "bf16 + channels_last + compile": dict(bf16=True, channels_last=True, compile=True)}
+MODES = {"fp32 eager": dict(bf16=False, channels_last=False, compile=False, fused_adam=False),
+         "bf16": dict(bf16=True, channels_last=False, compile=False, fused_adam=False),
+         "bf16 + channels_last": dict(bf16=True, channels_last=True, compile=False, fused_adam=False),
+         "bf16 + channels_last + compile": dict(bf16=True, channels_last=True, compile=True, fused_adam=False),
+         "bf16 + channels_last + compile + fused Adam": dict(bf16=True, channels_last=True, compile=True,
+                                                             fused_adam=True)}  # each mode adds one thing
 
 
 def machine():
@@ -78,7 +82,7 @@ def measure(profile, q_z, mode, steps):
     batches = dsae.Batches(data, config.batch_size, device, seed=0, limit=config.batch_size * (steps + 2))
     model = dsae.build_model(config, device)
     step_model = torch.compile(model) if config.compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.betas)
+    optimizer = dsae.adam(model, config)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -141,7 +145,7 @@ def main():
                                       "--steps", str(args.steps)], capture_output=True, text=True, check=True)
                 runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = runs[mode][-1]
-                print(f"{r['profile']:6} {r['q_z']:10} {r['mode']:31} {r['parameters'] / 1e6:8.2f}M "
+                print(f"{r['profile']:6} {r['q_z']:10} {r['mode']:44} {r['parameters'] / 1e6:8.2f}M "
                       f"{r['step_s']:9.3f} s/step {r['seq_per_s']:8.1f} seq/s  data {100 * r['data_fraction']:5.2f} %  "
                       f"peak RSS {r['peak_rss_mib']:7.0f} MiB  steal {r['cpu_steal_pct']:4.1f} %"
                       + (f"  peak CUDA {r['peak_cuda_mib']:.0f} MiB" if r['peak_cuda_mib'] else ""), flush=True)
@@ -162,13 +166,13 @@ def main():
     print(f"\n{host['cpu']}, {host['logical cores']} logical cores, torch {host['torch']}, "
           f"bf16 {'native' if host['cpu bf16 native'] else 'not native: the bf16 modes ran in fp32'}"
           + (f"; {host['cuda']}" if host["cuda"] else ""))
-    print(f"{'profile':8}{'q(z)':11}{'mode':33}{'params':>10}{'s/step':>10}{'min-max':>14}{'seq/s':>9}{'data %':>8}"
+    print(f"{'profile':8}{'q(z)':11}{'mode':46}{'params':>10}{'s/step':>10}{'min-max':>14}{'seq/s':>9}{'data %':>8}"
           f"{'speed-up':>10}{'warm-up s':>11}{'pays after':>11}{'peak MiB':>10}{'steal %':>9}")
     for r in rows:
         peak = r["peak_cuda_mib"] or r["peak_rss_mib"]
         spread = f"{min(r['repeats_step_s']):.3f}-{max(r['repeats_step_s']):.3f}"
         pays = f"{r['steps_to_pay_off']:.0f}" if r["mode"].endswith("compile") else ""
-        print(f"{r['profile']:8}{r['q_z']:11}{r['mode']:33}{r['parameters'] / 1e6:9.2f}M{r['step_s']:10.3f}"
+        print(f"{r['profile']:8}{r['q_z']:11}{r['mode']:46}{r['parameters'] / 1e6:9.2f}M{r['step_s']:10.3f}"
               f"{spread:>14}{r['seq_per_s']:9.1f}{100 * r['data_fraction']:8.2f}{r['speedup_vs_fp32_eager']:10.2f}"
               f"{r['warmup_s']:11.1f}{pays:>11}{peak:10.0f}{r['cpu_steal_pct']:9.1f}")
     print(f"written to {args.out}")

@@ -118,6 +118,25 @@ def test_evaluate_is_deterministic_and_complete(judge):
         assert readings.loc["j", f"recon: {a} %"] == pytest.approx(100 * rows[0][f"recon: {a}"])
     summary = dsae.summarise(rows)
     assert summary.loc["z kept: IS", "mean"] == pytest.approx(np.mean([r["z kept: IS"] for r in rows]))
+    tempered = dsae.prior_temperature_readings(model, judge_model, test, temperatures=(1.0, 0.0), limit=45)
+    for a in dsae.ATTRIBUTES:  # temperature 1 and another sequence's z are the paper's test and the swap of seed 0
+        assert tempered.loc["z ~ p(z), temperature 1", a] == pytest.approx(100 * rows[0][f"f kept: {a}"])
+        assert tempered.loc["z of another sequence", a] == pytest.approx(100 * rows[0][f"swap: {a} of a"])
+        assert tempered.loc["z of the sequence (reconstruction)", a] == pytest.approx(100 * rows[0][f"recon: {a}"])
+
+
+def test_prior_at_temperature_zero_is_its_mean_path_and_one_is_the_prior():
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke")).eval()
+    draw = lambda seed, tau: model.sample_z(3, generator=torch.Generator().manual_seed(seed), temperature=tau)
+    with torch.no_grad():
+        assert torch.equal(draw(0, 0.0), draw(1, 0.0)) and torch.equal(draw(0, 0.0)[0], draw(0, 0.0)[2])
+        assert torch.equal(draw(0, 1.0), model.sample_z(3, generator=torch.Generator().manual_seed(0)))
+        assert not torch.equal(draw(0, 1.0), draw(1, 1.0))
+        mean, _ = model.prior_z.head(model.prior_z.lstm(torch.zeros(1, 1, 8))[0])
+        torch.testing.assert_close(draw(0, 0.0)[:1, :1], mean)
+        spread = lambda tau: (draw(0, tau)[:, 0] - mean[0]).abs().mean()  # the first step: the same noise, scaled
+        torch.testing.assert_close(spread(0.5), spread(1.0) / 2)
 
 
 def test_judge_trains_on_the_data_it_is_given(train, test_split, monkeypatch, tmp_path):

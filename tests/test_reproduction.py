@@ -110,6 +110,32 @@ def test_compiled_training_steps_match_eager(batch, q_z, bf16):
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-2 if bf16 else 1e-4)
 
 
+def test_fused_adam_takes_pytorchs_default_adam_step_and_training_uses_it(batch, tmp_path, monkeypatch):
+    """dsae.adam with fused_adam takes the step PyTorch's default multi-tensor Adam (the default) takes, to rounding
+    (later steps drift apart as any two roundings of a chaotic trajectory do); train() builds its optimiser with it, and a run resumed with another fused_adam
+    uses the kernel its config asks for."""
+    import copy
+    config = dsae.make_config("smoke", bf16=False)
+    torch.manual_seed(0)
+    models = {True: dsae.build_model(config, "cpu")}
+    models[False], initial = copy.deepcopy(models[True]), copy.deepcopy(models[True])
+    for fused, model in models.items():
+        optimizer = dsae.adam(model, dataclasses.replace(config, fused_adam=fused))
+        assert optimizer.param_groups[0]["fused"] is (True if fused else None)
+        torch.manual_seed(1)
+        dsae.train_step(model, optimizer, batch, config)
+    for a, b in zip(models[True].parameters(), models[False].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(not torch.equal(a, b) for a, b in zip(models[True].parameters(), initial.parameters()))  # all moved
+    built = []
+    adam = dsae.adam
+    monkeypatch.setattr(dsae, "adam", lambda model, c: built.append(adam(model, c)) or built[-1])
+    run = str(tmp_path / "run")
+    dsae.train(dsae.make_config("smoke", epochs=1, run_dir=run), progress=False)
+    dsae.train(dsae.make_config("smoke", epochs=2, fused_adam=True, run_dir=run), progress=False)
+    assert [o.param_groups[0]["fused"] for o in built] == [None, True]
+
+
 def test_disentanglement_is_logged_during_training(tmp_path):
     """judge_every=1: every epoch's row carries the judge-protocol metrics, and tracking does not change the
     training trajectory (it samples from its own generator)."""
