@@ -230,10 +230,10 @@ def make_config(profile="paper", **overrides) -> Config:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; valid fields are {sorted(fields)}")
-    fields = {**base, **overrides}
-    if isinstance(fields.get("init"), str):  # a profile's warm start names the file of its own q variant
-        fields["init"] = fields["init"].replace("{q_z}", fields.get("q_z", Config.q_z))
-    return Config(profile=profile, **fields)
+    values = {**base, **overrides}
+    if isinstance(values.get("init"), str):  # a profile's warm start names the file of its own q variant
+        values["init"] = values["init"].replace("{q_z}", values.get("q_z", Config.q_z))
+    return Config(profile=profile, **values)
 
 
 def default_profile(requested=None):
@@ -2020,7 +2020,8 @@ def results_markdown(metrics):
     for q, run in runs.items():
         s = run["summary"]
         lines.append(f"| ours, `{metrics['profile']}`, {q} q, {_epochs_label(run)} epochs | "
-                     f"{pct(s, 'z kept: motion')} | {num(s, 'z kept: IS')} | {num(s, 'z kept: H(y|x)')} | {num(s, 'z kept: H(y)')} |")
+                     f"{pct(s, 'z kept: motion')} | {num(s, 'z kept: IS')} | {num(s, 'z kept: H(y|x)')} | "
+                     f"{num(s, 'z kept: H(y)')} |")
     for name, row in metrics["published"].items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row.values()) + " |")
     split = {q: motion_breakdown(run["confusions (first seed)"]["motion"]) for q, run in runs.items()}

@@ -112,8 +112,8 @@ def test_compiled_training_steps_match_eager(batch, q_z, bf16):
 
 def test_fused_adam_takes_pytorchs_default_adam_step_and_training_uses_it(batch, tmp_path, monkeypatch):
     """dsae.adam with fused_adam takes the step PyTorch's default multi-tensor Adam (the default) takes, to rounding
-    (later steps drift apart as any two roundings of a chaotic trajectory do); train() builds its optimiser with it, and a run resumed with another fused_adam
-    uses the kernel its config asks for."""
+    (later steps drift apart as any two roundings of a chaotic trajectory do); train() builds its optimiser with it,
+    and a run resumed with another fused_adam uses the kernel its config asks for."""
     import copy
     config = dsae.make_config("smoke", bf16=False)
     torch.manual_seed(0)
