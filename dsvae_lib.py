@@ -179,6 +179,7 @@ class Profile:
     config: dict = field(default_factory=dict)   # Config fields over the paper defaults
     judge: dict = field(default_factory=dict)    # JudgeConfig fields over its defaults
     test_limit: int | None = None                # metrics and latent embeddings on the first N test sequences
+    probe_limit: int = 2700                      # the latent probe's fit: first N training sequences (N/9 characters)
     figures: str = "figures"                     # folder (relative to the repository) of figures and metrics.json
     of_record: bool = True
     ablations: tuple = ()  # profiles beyond the paper that its report shows beside it (figures in <figures>/<name>)
@@ -211,7 +212,7 @@ PROFILES = {
     "smoke": Profile(config=dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64,
                                  rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50,
                                  compile=False),  # 16 steps: compiling would never pay
-                     judge=dict(width=16, epochs=4, lr=2e-3, train_limit=1800), test_limit=270,
+                     judge=dict(width=16, epochs=4, lr=2e-3, train_limit=1800), test_limit=270, probe_limit=900,
                      figures="runs/smoke-figures", of_record=False),  # CI and the notebook tests: never figures/
 }
 
@@ -2126,12 +2127,12 @@ def _judge_protocol(profile, seeds, device, progress=True):
 
 
 def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit=None, progress=True,
-                 train: Sprites | None = None):
+                 train: Sprites | None = None, probe_limit=2700):
     """Every metric of one trained model (loaded from `path`, a training checkpoint or a weights file, as
     (model, ckpt)) by the judge protocol on (the first `limit` of) `test`: the per-seed rows of `evaluate`, their
     mean and std, the confusions of the first seed and the kinds of its motion errors (`motion_breakdown`); with
-    `train`, the latent probe too. It names what was evaluated: the file and its SHA-256, epochs, config, warm start,
-    training time and the last ELBO terms."""
+    `train`, the latent probe too, fitted on its first `probe_limit` sequences (the profile's). It names what was
+    evaluated: the file and its SHA-256, epochs, config, warm start, training time and the last ELBO terms."""
     codes = encode_all(model, test, limit)  # once, for the judge protocol and the probe
     rows, confusions = evaluate(model, judge, test, seeds, limit, progress, codes=codes)
     record = {"checkpoint": _shown_path(path), "checkpoint sha256": sha256(path), "epochs": ckpt["epoch"],
@@ -2142,7 +2143,7 @@ def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit
               "confusions (first seed)": confusions,
               "motion breakdown (first seed)": motion_breakdown(confusions["motion"])}
     if train is not None:
-        record["latent probe %"] = latent_probe(model, train, test, limit=limit, test_codes=codes,
+        record["latent probe %"] = latent_probe(model, train, test, probe_limit, limit, test_codes=codes,
                                                 stages=True).to_dict("index")
     return record
 
@@ -2217,7 +2218,8 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
     result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
     limit = judge_config(profile).test_limit
     for q, path in runs.items():
-        result["runs"][q] = evaluate_run(*loaded[q], path, judge, test, seeds, limit, progress, train)
+        result["runs"][q] = evaluate_run(*loaded[q], path, judge, test, seeds, limit, progress, train,
+                                         get_profile(profile).probe_limit)
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))

@@ -59,9 +59,11 @@ def test_published_row_and_limits():
 
 
 @pytest.fixture(scope="module")
-def judge(tmp_path_factory):
+def judge():
+    """The smoke profile's judge as every evaluation gets it: trained into its cache under runs/ when missing (as on a
+    fresh clone), else loaded from there, so a test session trains it once."""
     config = dsae.judge_config("smoke")
-    judge, accuracy = dsae.train_judge(config, path=tmp_path_factory.mktemp("judge") / "judge.pt", progress=False)
+    judge, accuracy = dsae.train_judge(config, progress=False)
     return judge, accuracy, config
 
 
