@@ -172,10 +172,10 @@ def _checked(name, annotation, value):
 
 @dataclass(frozen=True)
 class Profile:
-    """A named profile: model and training config, the judge, how many test sequences the metrics use and
-    where its figures go. `of_record`: its report is the one the repository keeps (notebooks/, figures/).
-    `ablations`: profiles beyond the paper that its report evaluates beside it (`evaluate_ablations`); `note`
-    says what such a profile changes."""
+    """A named profile: model and training config, the judge, how many test sequences the metrics use (and
+    training sequences the latent probe is fitted on) and where its figures go. `of_record`: its report is the one
+    the repository keeps (notebooks/, figures/). `ablations`: profiles beyond the paper that its report evaluates
+    beside it (`evaluate_ablations`); `note` says what such a profile changes."""
     config: dict = field(default_factory=dict)   # Config fields over the paper defaults
     judge: dict = field(default_factory=dict)    # JudgeConfig fields over its defaults
     test_limit: int | None = None                # metrics and latent embeddings on the first N test sequences
@@ -2180,7 +2180,7 @@ def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True
 
     out = out and Path(out)
     kept_runs()  # refused before the long part
-    limit = judge_config(profile).test_limit
+    limit = head["test sequences"]  # the protocol's, as recorded
     evaluated = {name: evaluate_run(*load_checkpoint(file, device), file, judge, test, seeds, limit, progress)
                  for name, file in files.items()}
     if out is None:
@@ -2216,7 +2216,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
     judge, test, head = _judge_protocol(profile, seeds, device, progress)
     train = load_sprites("train")
     result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
-    limit = judge_config(profile).test_limit
+    limit = head["test sequences"]  # the protocol's, as recorded
     for q, path in runs.items():
         result["runs"][q] = evaluate_run(*loaded[q], path, judge, test, seeds, limit, progress, train,
                                          get_profile(profile).probe_limit)
@@ -2230,12 +2230,13 @@ def evaluate_ablations(profile, seeds=(0, 1, 2), progress=True, weights=True):
     """`evaluate_profile` of each ablation of `profile`, written to <figures_dir(profile)>/<ablation>/metrics.json
     (not to the ablation's own figures_dir, which a report stages into the profile's), so that a report keeps them
     beside its own; {ablation: result}. With `weights`, only ablations whose every trained q has its committed
-    weights file (never a run, finished or not); else their runs. An ablation must be read by the profile's judge."""
+    weights file (never a run, finished or not); else their runs. An ablation must be read by the profile's judge
+    and latent probe."""
     results = {}
     for a in get_profile(profile).ablations:
-        if judge_config(a) != judge_config(profile):
-            raise ValueError(f"ablation {a!r} of profile {profile!r} has another judge; give it the profile's "
-                             f"judge and test_limit so that their metrics compare")
+        if judge_config(a) != judge_config(profile) or get_profile(a).probe_limit != get_profile(profile).probe_limit:
+            raise ValueError(f"ablation {a!r} of profile {profile!r} has another judge or latent probe; give it the "
+                             f"profile's judge, test_limit and probe_limit so that their metrics compare")
         runs = trained_runs(a, weights)
         if runs and (not weights or all(path == weights_path(a, q) for q, path in runs.items())):
             results[a] = evaluate_profile(a, seeds, figures_dir(profile) / a / "metrics.json", progress, weights)

@@ -1,5 +1,6 @@
 """bf16 on the CPU, disentanglement tracked during training, and the weights of record (smoke, real data)."""
 import dataclasses
+import inspect
 import json
 import shutil
 
@@ -351,7 +352,8 @@ def test_profile_comparison_puts_the_ablations_beside_the_paper_and_says_which_i
 def test_the_ablations_of_a_profile_are_evaluated_into_its_figures(tmp_path, monkeypatch):
     """evaluate_ablations (notebook 04): each ablation of the profile that has a trained run is evaluated with the
     profile's judge and written to <figures>/<ablation>/metrics.json, where the report keeps it and from which the
-    README and the index read it; an ablation without weights or runs is skipped."""
+    README and the index read it, its latent probe fitted on the profile's probe_limit training sequences; an ablation
+    without weights or runs is skipped, and one with another judge or probe is refused."""
     smoke = dsae.get_profile("smoke")
     monkeypatch.setitem(dsae.PROFILES, "smoke", dataclasses.replace(smoke, ablations=("smoke-mirror", "smoke-none")))
     for name in ("smoke-mirror", "smoke-none"):
@@ -362,10 +364,14 @@ def test_the_ablations_of_a_profile_are_evaluated_into_its_figures(tmp_path, mon
     try:
         dsae.train(dsae.make_config("smoke-mirror", q_z="full"), progress=False)
         assert dsae.evaluate_ablations("smoke", seeds=(0,), progress=False) == {}  # a run is not a weights file
+        probe, fitted = dsae.latent_probe, []
+        monkeypatch.setattr(dsae, "latent_probe", lambda *a, **k: fitted.append(
+            inspect.signature(probe).bind(*a, **k).arguments["train_limit"]) or probe(*a, **k))
         results = dsae.evaluate_ablations("smoke", seeds=(0,), progress=False, weights=False)
     finally:
         shutil.rmtree(run, ignore_errors=True)
     assert list(results) == ["smoke-mirror"] and list(results["smoke-mirror"]["runs"]) == ["full"]
+    assert fitted == [smoke.probe_limit] and smoke.probe_limit == 900
     saved = json.loads((tmp_path / "figures" / "smoke-mirror" / "metrics.json").read_text())
     assert dsae.ablation_metrics("smoke", tmp_path / "figures") == {"smoke-mirror": saved}
     assert saved["runs"]["full"]["config"]["f_mirror"] and saved["profile"] == "smoke-mirror"
@@ -374,6 +380,9 @@ def test_the_ablations_of_a_profile_are_evaluated_into_its_figures(tmp_path, mon
     assert table.loc[("smoke-mirror", "full"), "paper's model and objective"] == "no"
     monkeypatch.setitem(dsae.PROFILES, "smoke-none", dataclasses.replace(smoke, judge={**smoke.judge, "epochs": 1}))
     with pytest.raises(ValueError, match="ablation 'smoke-none' of profile 'smoke' has another judge"):
+        dsae.evaluate_ablations("smoke", seeds=(0,), progress=False, weights=False)
+    monkeypatch.setitem(dsae.PROFILES, "smoke-none", dataclasses.replace(smoke, probe_limit=2700))
+    with pytest.raises(ValueError, match="ablation 'smoke-none' of profile 'smoke' has another judge or latent probe"):
         dsae.evaluate_ablations("smoke", seeds=(0,), progress=False, weights=False)
 
 
