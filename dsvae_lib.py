@@ -1855,8 +1855,8 @@ def _encoder_stages(model, data: Sprites, n, generator=None, batch_size=100):
     return torch.cat(hs).numpy(), torch.cat(fs).numpy() if fs else None
 
 
-def latent_probe(model, train: Sprites, test: Sprites, train_limit=2700, limit=None, test_codes=None, stages=False,
-                 seed=0):
+def latent_probe(model, train: Sprites, test: Sprites, train_limit=Profile.probe_limit, limit=None, test_codes=None,
+                 stages=False, seed=0):
     """What each latent holds, whether or not the decoder renders it: for every head, the test accuracy (%) of a
     linear read-out (multinomial logistic regression) from the posterior means of f and of z_1:T (flattened over t),
     fitted on the codes of the first `train_limit` training sequences (train_limit/9 characters x 9 motions) and
@@ -2127,7 +2127,7 @@ def _judge_protocol(profile, seeds, device, progress=True):
 
 
 def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit=None, progress=True,
-                 train: Sprites | None = None, probe_limit=2700):
+                 train: Sprites | None = None, probe_limit=Profile.probe_limit):
     """Every metric of one trained model (loaded from `path`, a training checkpoint or a weights file, as
     (model, ckpt)) by the judge protocol on (the first `limit` of) `test`: the per-seed rows of `evaluate`, their
     mean and std, the confusions of the first seed and the kinds of its motion errors (`motion_breakdown`); with
