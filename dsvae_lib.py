@@ -1085,6 +1085,22 @@ def bf16_supported(device_type):
     return supported
 
 
+@functools.lru_cache(maxsize=None)
+def processor_name(device_type="cpu"):
+    """The model name of the processor that computes on `device_type` (the CUDA device's, else the CPU's from
+    /proc/cpuinfo, else what the platform reports): wall times and bf16 speed-ups depend on it."""
+    import platform
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 COMPILE_STEPS = 1500  # a run this many steps long repays compiling: 1.7 times the slowest pay-off measured (896)
 
 
@@ -1391,7 +1407,9 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
         seconds = time.time() - t0
         row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()},
                **{f"test_{k}": v for k, v in evaluate_elbo(model, test_batches).items()},
-               "seconds": seconds, "seq_per_s": n / seconds, "lr": optimizer.param_groups[0]["lr"]}
+               "seconds": seconds, "seq_per_s": n / seconds, "lr": optimizer.param_groups[0]["lr"],
+               "processor": processor_name(device.type),  # what the wall time was measured on, and in what
+               "arithmetic": "bf16" if config.bf16 and bf16_supported(device.type) else "fp32"}
         if config.kl_warmup > 0:
             row["kl weight"] = weight  # at the epoch's last step
         if judge is not None and ((epoch + 1) % config.judge_every == 0 or epoch + 1 == config.epochs):

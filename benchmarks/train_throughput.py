@@ -20,7 +20,6 @@ tensor, convert to float) is timed on its own and reported as a fraction of the 
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -43,15 +42,7 @@ def machine():
     (the speed-ups of the bf16 modes depend on all of them; without native bf16 they run in fp32)."""
     import torch
     import dsvae_lib as dsae
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "logical cores": os.cpu_count(), "torch": torch.__version__,
+    return {"cpu": dsae.processor_name("cpu"), "logical cores": os.cpu_count(), "torch": torch.__version__,
             "cpu bf16 native": dsae.bf16_supported("cpu"),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 

@@ -251,6 +251,8 @@ def test_training_writes_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     assert len(full) == 2 and all(np.isfinite(row["loss"]) for row in full)
     assert json.loads((tmp_path / "full" / "metrics.json").read_text()) == full
     assert (tmp_path / "full" / "metrics.csv").read_text().startswith("epoch,loss,recon,kl_f,kl_z")
+    arithmetic = "bf16" if dsae.bf16_supported("cpu") else "fp32"  # each row says what its wall time was measured on
+    assert all(row["processor"] == dsae.processor_name("cpu") != "" and row["arithmetic"] == arithmetic for row in full)
 
     calls = {"n": 0}
     elbo = dsae.elbo_terms
