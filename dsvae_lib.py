@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import shutil
 import socket
 import tempfile
@@ -1089,7 +1090,6 @@ def bf16_supported(device_type):
 def processor_name(device_type="cpu"):
     """The model name of the processor that computes on `device_type` (the CUDA device's, else the CPU's from
     /proc/cpuinfo, else what the platform reports): wall times and bf16 speed-ups depend on it."""
-    import platform
     if device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name()
     try:
@@ -1121,10 +1121,15 @@ def compile_pays(config: Config, device, steps=None):
         shutil.which(os.environ.get("CXX", "g++")) is not None
 
 
+def _bf16_on(device, bf16=True):
+    """Whether `device` computes in bf16: asked for (`bf16`) and supported natively there."""
+    return bf16 and bf16_supported(torch.device(device).type)
+
+
 def _autocast(device, bf16=True):
     """bf16 autocast where the device supports it (unless disabled), else full precision. Loss terms stay fp32."""
     device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and bf16_supported(device.type))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16_on(device, bf16))
 
 
 def build_model(config: Config, device=None):
@@ -1409,7 +1414,7 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
                **{f"test_{k}": v for k, v in evaluate_elbo(model, test_batches).items()},
                "seconds": seconds, "seq_per_s": n / seconds, "lr": optimizer.param_groups[0]["lr"],
                "processor": processor_name(device.type),  # what the wall time was measured on, and in what
-               "arithmetic": "bf16" if config.bf16 and bf16_supported(device.type) else "fp32"}
+               "arithmetic": "bf16" if _bf16_on(device, config.bf16) else "fp32"}
         if config.kl_warmup > 0:
             row["kl weight"] = weight  # at the epoch's last step
         if judge is not None and ((epoch + 1) % config.judge_every == 0 or epoch + 1 == config.epochs):

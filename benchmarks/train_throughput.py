@@ -44,7 +44,7 @@ def machine():
     import dsvae_lib as dsae
     return {"cpu": dsae.processor_name("cpu"), "logical cores": os.cpu_count(), "torch": torch.__version__,
             "cpu bf16 native": dsae.bf16_supported("cpu"),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "cuda": dsae.processor_name("cuda") if torch.cuda.is_available() else None}
 
 
 def cpu_ticks():
