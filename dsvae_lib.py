@@ -56,6 +56,8 @@ class Config:
     q_z: str = "factorised"      # q(z|x): "factorised" (per frame) or "full" (conditioned on f, Eq. 6)
     f_mirror: bool = False       # q(f|x) reads x_1:T and its left-right mirror image, so f is blind to the facing
                                  # (left/right), which z must then carry (beyond the paper; no parameters)
+    f_first: bool = False        # q(f|x) reads the first frame x_1 only (content from one frame, as DRNET's content
+                                 # encoder), so f sees one pose, not the action's course (beyond the paper; no parameters)
     f_film: bool = False         # the decoder's feature maps are also scaled and shifted per channel by affine maps
                                  # of f (FiLM), so f can set colours wherever z puts a part (beyond the paper)
     channels: int = 256          # every convolution of encoder and decoder
@@ -936,11 +938,16 @@ class DSAE(nn.Module):
 
     def features(self, x):
         """(h_1:T, what q(f|x) reads): the frame features, and either the same h or, with f_mirror, the mean of the
-        features of x and of its mirror image. The two go through the encoder as one batch, so that BatchNorm
-        normalises them with the same statistics in training as its running statistics do in evaluation."""
-        if not self.config.f_mirror:
+        features of x and of its mirror image; with f_first, only the first frame's (B, 1, frame_dim), mirrored too
+        with f_mirror. Everything goes through the encoder as one batch, so that BatchNorm normalises it with the same
+        statistics in training as its running statistics do in evaluation."""
+        c, t = self.config, x.shape[1]
+        if not (c.f_mirror or c.f_first):
             h = self.encoder(x)
             return h, h
+        if c.f_first:
+            h = self.encoder(torch.cat([x, x[:, :1].flip(-1)], dim=1) if c.f_mirror else x)
+            return h[:, :t], ((h[:, :1] + h[:, t:]) / 2 if c.f_mirror else h[:, :1])
         h, h_mirror = self.encoder(torch.cat([x, x.flip(-1)])).chunk(2)
         return h, (h + h_mirror) / 2
 
@@ -1814,6 +1821,33 @@ def prior_temperature_readings(model, judge, data: Sprites, temperatures=(1.0, 0
     return pd.DataFrame(rows).T
 
 
+@torch.no_grad()
+def kl_per_step(model, data: Sprites, limit=None, seed=0, batch_size=100):
+    """Where the ELBO pays for z: the mean of KL(q(z_t|.) || p(z_t|z_<t)) at each step t (Eq. 5's sum over t, split),
+    in nats per sequence, over (the first `limit` sequences of) a split and by action, with KL(q(f|x) || p(f)) beside
+    it. As in training, the prior reads posterior samples z_<t (drawn with sampling seed `seed`); the KLs are
+    computed in fp32. A step that costs nats after the first is information the prior could not predict from z_<t.
+    Returns a DataFrame (KL_z at t = 1..T, then KL_f) x (all sequences, each action)."""
+    import pandas as pd
+    model.eval()
+    n = len(data) if limit is None else min(limit, len(data))
+    g = torch.Generator(model.device).manual_seed(seed)
+    kl_z, kl_f = [], []
+    for i in range(0, n, batch_size):
+        x = to_model_input(data.frames[i:min(i + batch_size, n)], model.device)
+        with _autocast(model.device, model.config.bf16):
+            post = model.encode(x, sample=True, generator=g)
+            prior_mean, prior_logvar = model.prior_z(post.z)
+        kl_z.append(kl_normal(post.z_mean.float(), post.z_logvar.float(), prior_mean.float(),
+                              prior_logvar.float()).sum(-1).cpu())
+        kl_f.append(kl_normal(post.f_mean.float(), post.f_logvar.float()).sum(-1, keepdim=True).cpu())
+    kl = torch.cat([torch.cat(kl_z), torch.cat(kl_f)], dim=1).numpy()
+    action = np.asarray(data.action[:n])
+    groups = {"all": np.ones(n, bool), **{a: action == k for k, a in enumerate(ACTIONS)}}
+    index = [f"KL_z, t = {t}" for t in range(1, kl.shape[1])] + ["KL_f"]
+    return pd.DataFrame({name: kl[rows].mean(0) for name, rows in groups.items()}, index=index)
+
+
 def colour_readout(videos, data: Sprites, attributes=("skin", "pants"), sheets=None):
     """A judge-free reading of colour in videos that keep each sequence's own pose (reconstructions; a generation
     with z resampled moves the parts, so it does not apply there). For each sequence and attribute: the pixels
@@ -1972,9 +2006,9 @@ def judge_protocol_table(summaries):
     return pd.DataFrame(table).T
 
 
-BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_film", "kl_warmup")  # KL weights other
-# than 1, or another likelihood scale than the SSE, change the paper's objective; a mirror-invariant q(f|x) or FiLM
-# changes its model; KL annealing changes its training (the objective it ends on is the paper's)
+BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_first", "f_film", "kl_warmup")  # KL weights other
+# than 1, or another likelihood scale than the SSE, change the paper's objective; a mirror-invariant or one-frame
+# q(f|x) or FiLM changes its model; KL annealing changes its training (the objective it ends on is the paper's)
 
 
 def faithful_to_paper(config: dict):
@@ -2037,7 +2071,7 @@ def results_markdown(metrics):
                      f"{trained}; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, "
                      f"beta_f {c.get('beta_f', 1.0)}, "
                      f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
-                     + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_film") if c.get(k))
+                     + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_first", "f_film") if c.get(k))
                      + (f", KL annealed over {c['kl_warmup']:g} epochs (beyond the paper)" if c.get("kl_warmup") else ""))
     lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",
               "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]

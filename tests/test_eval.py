@@ -145,6 +145,31 @@ def test_prior_at_temperature_zero_is_its_mean_path_and_one_is_the_prior():
         torch.testing.assert_close(spread(0.5), spread(1.0) / 2)
 
 
+def test_kl_per_step_splits_the_elbo_kl_terms_by_step_and_action(test_split):
+    """kl_per_step: its steps add up to the ELBO's KL_z and its KL_f is the ELBO's, for the same posterior draws
+    (one batch: the global RNG seeded as the local generator is); each action's column averages that action's
+    sequences, and the global RNG is not touched."""
+    torch.manual_seed(0)
+    model = dsae.DSAE(dsae.make_config("smoke")).eval()
+    n = 27  # 3 characters x 9 motions
+    rng = torch.get_rng_state()
+    table = dsae.kl_per_step(model, test_split, limit=n, seed=3, batch_size=n)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert list(table.index) == [f"KL_z, t = {t}" for t in range(1, dsae.T + 1)] + ["KL_f"]
+    assert list(table.columns) == ["all", *dsae.ACTIONS]
+    x = dsae.to_model_input(test_split.frames[:n])
+    torch.manual_seed(3)
+    with torch.no_grad(), dsae._autocast(model.device, model.config.bf16):
+        terms = dsae.elbo_terms(model, x)
+    assert table["all"].iloc[:-1].sum() == pytest.approx(float(terms["kl_z"]), rel=1e-4)
+    assert table.loc["KL_f", "all"] == pytest.approx(float(terms["kl_f"]), rel=1e-4)
+    action = np.asarray(test_split.action[:n])
+    assert np.bincount(action).tolist() == [9, 9, 9]
+    torch.testing.assert_close(torch.tensor(table[list(dsae.ACTIONS)].mean(axis=1).to_numpy()),
+                               torch.tensor(table["all"].to_numpy()))
+    assert table[list(dsae.ACTIONS)].nunique(axis=1).min() > 1  # the actions' columns are read apart
+
+
 def test_judge_trains_on_the_data_it_is_given(train, test_split, monkeypatch, tmp_path):
     """Data passed in is what the judge uses: nothing is loaded, and without a cache key nothing is saved."""
     monkeypatch.setattr(dsae, "load_sprites", lambda *a, **k: pytest.fail("train_judge loaded data itself"))

@@ -165,6 +165,27 @@ def test_mirror_invariant_content_is_blind_to_left_and_right_only(batch, q_z):
     assert not torch.allclose(post.f, plain_post.f, atol=1e-4)  # it reads both images, not x alone
 
 
+@pytest.mark.parametrize("mirror", [False, True])
+def test_first_frame_content_reads_x1_only(batch, mirror):
+    """f_first (beyond the paper): q(f|x) reads the first frame alone, so frames 2..T cannot reach f, while z still
+    reads them; with f_mirror as well, f is blind to the facing too. No parameters are added (warm starts cross it)."""
+    torch.manual_seed(0)
+    plain = dsae.DSAE(dsae.make_config("smoke", q_z="full")).eval()
+    model = dsae.DSAE(dsae.make_config("smoke", q_z="full", f_first=True, f_mirror=mirror)).eval()
+    model.load_state_dict(plain.state_dict())
+    later = batch.clone()
+    later[:, 1:] = batch[:, 1:].flip(0)  # other sequences' frames 2..T
+    with torch.no_grad():
+        post, other = model.encode(batch, sample=False), model.encode(later, sample=False)
+        plain_post, plain_other = plain.encode(batch, sample=False), plain.encode(later, sample=False)
+        mirrored = model.encode(batch.flip(-1), sample=False)
+    torch.testing.assert_close(other.f_mean, post.f_mean)
+    torch.testing.assert_close(other.f_logvar, post.f_logvar)
+    assert not torch.allclose(other.z[:, 1:], post.z[:, 1:], atol=1e-4)
+    assert not torch.allclose(plain_other.f_mean, plain_post.f_mean, atol=1e-4)  # the paper's q(f|x) reads them all
+    assert torch.allclose(mirrored.f_mean, post.f_mean, atol=1e-5) == mirror
+
+
 def test_mirror_features_are_normalised_alike_in_training_and_evaluation(batch):
     """f_mirror: x and its mirror image go through the encoder as one batch, so BatchNorm's running statistics are
     those the training batches were normalised with; two separate passes (each normalised by its own batch) give
