@@ -147,10 +147,10 @@ def test_prior_at_temperature_zero_is_its_mean_path_and_one_is_the_prior():
 
 def test_kl_per_step_splits_the_elbo_kl_terms_by_step_and_action(test_split):
     """kl_per_step: its steps add up to the ELBO's KL_z and its KL_f is the ELBO's, for the same posterior draws
-    (one batch: the global RNG seeded as the local generator is); each action's column averages that action's
-    sequences, and the global RNG is not touched."""
+    (one batch: the global RNG seeded as the local generator is); each step sums over z's dimensions (z_dim 5, not
+    T), each action's column averages that action's sequences, and the global RNG is not touched."""
     torch.manual_seed(0)
-    model = dsae.DSAE(dsae.make_config("smoke")).eval()
+    model = dsae.DSAE(dsae.make_config("smoke", z_dim=5)).eval()
     n = 27  # 3 characters x 9 motions
     rng = torch.get_rng_state()
     table = dsae.kl_per_step(model, test_split, limit=n, seed=3, batch_size=n)
@@ -161,12 +161,15 @@ def test_kl_per_step_splits_the_elbo_kl_terms_by_step_and_action(test_split):
     torch.manual_seed(3)
     with torch.no_grad(), dsae._autocast(model.device, model.config.bf16):
         terms = dsae.elbo_terms(model, x)
+        post = model.encode(x, sample=True, generator=torch.Generator().manual_seed(3))
+        prior = model.prior_z(post.z)
     assert table["all"].iloc[:-1].sum() == pytest.approx(float(terms["kl_z"]), rel=1e-4)
     assert table.loc["KL_f", "all"] == pytest.approx(float(terms["kl_f"]), rel=1e-4)
+    per_sequence = dsae.kl_normal(post.z_mean.float(), post.z_logvar.float(), *(p.float() for p in prior)).sum(-1)
     action = np.asarray(test_split.action[:n])
-    assert np.bincount(action).tolist() == [9, 9, 9]
-    torch.testing.assert_close(torch.tensor(table[list(dsae.ACTIONS)].mean(axis=1).to_numpy()),
-                               torch.tensor(table["all"].to_numpy()))
+    for k, name in enumerate(dsae.ACTIONS):  # (n, T) per sequence and step, averaged over that action's sequences
+        expected = per_sequence[torch.from_numpy(action == k)].mean(0).numpy()
+        np.testing.assert_allclose(table[name].iloc[:-1].to_numpy(), expected, rtol=1e-4, atol=1e-5)
     assert table[list(dsae.ACTIONS)].nunique(axis=1).min() > 1  # the actions' columns are read apart
 
 
