@@ -1822,6 +1822,32 @@ def prior_temperature_readings(model, judge, data: Sprites, temperatures=(1.0, 0
 
 
 @torch.no_grad()
+def motion_source(model, judge, data: Sprites, limit=None, seed=0):
+    """Which code the decoder takes the motion from: the swap of `evaluate` (f of sequence a decoded with z_1:T of
+    its partner b, the pairs of sampling seed `seed`), read by the judge. For the motion and each of its factors,
+    over the pairs where a and b differ in it: % of the generations read with z's value (b's), with f's (a's), or
+    with neither. A decoder that takes the motion from z alone reads z's in 100 %. Returns a DataFrame (factor x
+    pairs, % from z, % from f, % neither)."""
+    import pandas as pd
+    model.eval()
+    f, z = encode_all(model, data, limit)
+    n = len(f)
+    perm = swap_partners(n, seed)
+    read = judge_probs(judge, _decode_all(model, f, z[torch.from_numpy(perm).to(z.device)]))["motion"].argmax(1)
+    motion = np.asarray(data.motion[:n])
+    factors = {"motion": lambda m: np.asarray(m), "action": lambda m: decode_motion(m)[0],
+               "direction": lambda m: decode_motion(m)[1]}
+    rows = {}
+    for name, of in factors.items():
+        of_f, of_z, got = of(motion), of(motion[perm]), of(read)
+        differ = of_f != of_z
+        from_z, from_f = got[differ] == of_z[differ], got[differ] == of_f[differ]
+        rows[name] = {"pairs": int(differ.sum()), "% from z": 100 * from_z.mean(), "% from f": 100 * from_f.mean(),
+                      "% neither": 100 * (~from_z & ~from_f).mean()}
+    return pd.DataFrame(rows).T
+
+
+@torch.no_grad()
 def kl_per_step(model, data: Sprites, limit=None, seed=0, batch_size=100):
     """Where the ELBO pays for z: the mean of KL(q(z_t|.) || p(z_t|z_<t)) at each step t (Eq. 5's sum over t, split),
     in nats per sequence, over (the first `limit` sequences of) a split and by action, with KL(q(f|x) || p(f)) beside

@@ -145,6 +145,32 @@ def test_prior_at_temperature_zero_is_its_mean_path_and_one_is_the_prior():
         torch.testing.assert_close(spread(0.5), spread(1.0) / 2)
 
 
+@pytest.mark.parametrize("source", ["z", "f"])
+def test_motion_source_names_the_code_the_motion_comes_from(judge, test_split, monkeypatch, source):
+    """motion_source: with a decoder that draws the real sequence whose z (or whose f) it is given, the judge reads
+    z's motion (or f's) in the swap, for the motion and for each factor, over the pairs the swap of `evaluate` makes
+    (sampling seed 1) where the two sequences differ in it."""
+    n = 45  # 5 characters x 9 motions
+    index = torch.arange(n, dtype=torch.float32)
+    monkeypatch.setattr(dsae, "encode_all", lambda model, data, limit=None: (index[:, None], index[:, None, None]
+                                                                            .expand(-1, dsae.T, 1)))
+    frames = dsae.to_model_input(test_split.frames[:n])
+    drawn = (lambda f, z: frames[z[:, 0, 0].long()]) if source == "z" else (lambda f, z: frames[f[:, 0].long()])
+    monkeypatch.setattr(dsae, "_decode_all", lambda model, f, z: drawn(f, z))
+    model = dsae.DSAE(dsae.make_config("smoke"))
+    table = dsae.motion_source(model, judge[0], test_split, limit=n, seed=1)
+    perm = dsae.swap_partners(n, 1)
+    action, direction = dsae.decode_motion(test_split.motion[:n])
+    assert table.loc["motion", "pairs"] == (test_split.motion[:n] != test_split.motion[:n][perm]).sum()
+    assert table.loc["action", "pairs"] == (action != action[perm]).sum() > 0
+    assert table.loc["direction", "pairs"] == (direction != direction[perm]).sum() > 0
+    other = "f" if source == "z" else "z"
+    for factor in ("motion", "action", "direction"):
+        row = table.loc[factor]
+        assert row[f"% from {source}"] > 90 and row[f"% from {other}"] < 10, (factor, row)
+        assert row["% from z"] + row["% from f"] + row["% neither"] == pytest.approx(100)
+
+
 def test_kl_per_step_splits_the_elbo_kl_terms_by_step_and_action(test_split):
     """kl_per_step: its steps add up to the ELBO's KL_z and its KL_f is the ELBO's, for the same posterior draws
     (one batch: the global RNG seeded as the local generator is); each step sums over z's dimensions (z_dim 5, not
