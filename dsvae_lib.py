@@ -1693,16 +1693,17 @@ def _decode_all(model, f, z, batch_size=100):
 
 
 @torch.no_grad()
-def encode_posteriors(model, data: Sprites, limit=None, batch_size=100) -> Posterior:
+def encode_posteriors(model, data: Sprites, limit=None, batch_size=100, generator=None) -> Posterior:
     """q(f|x) q(z|x[, f]) of (the first `limit` sequences of) a split, every field in fp32 on the model's device;
-    f and z are the posterior means."""
+    f and z are the posterior means, or samples drawn from `generator` when given."""
     model.eval()
     n = len(data) if limit is None else min(limit, len(data))
     parts = []
     with _autocast(model.device, model.config.bf16):
         for i in range(0, n, batch_size):
             x = to_model_input(data.frames[i:min(i + batch_size, n)], model.device)
-            parts.append(model.encode(x, sample=False))
+            parts.append(model.encode(x, sample=False) if generator is None else
+                         model.encode(x, sample=True, generator=generator))
     return Posterior(*(torch.cat([getattr(p, k).float() for p in parts]) for k in Posterior._fields))
 
 
@@ -1834,12 +1835,15 @@ def motion_source(model, judge, data: Sprites, limit=None, seed=0):
     n = len(f)
     perm = swap_partners(n, seed)
     read = judge_probs(judge, _decode_all(model, f, z[torch.from_numpy(perm).to(z.device)]))["motion"].argmax(1)
+    def factors(m):  # the motion and its two factors
+        action, direction = decode_motion(m)
+        return {"motion": np.asarray(m), "action": action, "direction": direction}
+
     motion = np.asarray(data.motion[:n])
-    factors = {"motion": lambda m: np.asarray(m), "action": lambda m: decode_motion(m)[0],
-               "direction": lambda m: decode_motion(m)[1]}
+    of_a, of_b, of_read = factors(motion), factors(motion[perm]), factors(read)
     rows = {}
-    for name, of in factors.items():
-        of_f, of_z, got = of(motion), of(motion[perm]), of(read)
+    for name in of_a:
+        of_f, of_z, got = of_a[name], of_b[name], of_read[name]
         differ = of_f != of_z
         from_z, from_f = got[differ] == of_z[differ], got[differ] == of_f[differ]
         rows[name] = {"pairs": int(differ.sum()), "% from z": 100 * from_z.mean(), "% from f": 100 * from_f.mean(),
@@ -1855,19 +1859,12 @@ def kl_per_step(model, data: Sprites, limit=None, seed=0, batch_size=100):
     computed in fp32. A step that costs nats after the first is information the prior could not predict from z_<t.
     Returns a DataFrame (KL_z at t = 1..T, then KL_f) x (all sequences, each action)."""
     import pandas as pd
-    model.eval()
-    n = len(data) if limit is None else min(limit, len(data))
-    g = torch.Generator(model.device).manual_seed(seed)
-    kl_z, kl_f = [], []
-    for i in range(0, n, batch_size):
-        x = to_model_input(data.frames[i:min(i + batch_size, n)], model.device)
-        with _autocast(model.device, model.config.bf16):
-            post = model.encode(x, sample=True, generator=g)
-            prior_mean, prior_logvar = model.prior_z(post.z)
-        kl_z.append(kl_normal(post.z_mean.float(), post.z_logvar.float(), prior_mean.float(),
-                              prior_logvar.float()).sum(-1).cpu())
-        kl_f.append(kl_normal(post.f_mean.float(), post.f_logvar.float()).sum(-1, keepdim=True).cpu())
-    kl = torch.cat([torch.cat(kl_z), torch.cat(kl_f)], dim=1).numpy()
+    post = encode_posteriors(model, data, limit, batch_size, generator=torch.Generator(model.device).manual_seed(seed))
+    with _autocast(model.device, model.config.bf16):
+        prior_mean, prior_logvar = model.prior_z(post.z)
+    kl_z = kl_normal(post.z_mean, post.z_logvar, prior_mean.float(), prior_logvar.float()).sum(-1)
+    kl = torch.cat([kl_z, kl_normal(post.f_mean, post.f_logvar).sum(-1, keepdim=True)], dim=1).cpu().numpy()
+    n = len(kl)
     action = np.asarray(data.action[:n])
     groups = {"all": np.ones(n, bool), **{a: action == k for k, a in enumerate(ACTIONS)}}
     index = [f"KL_z, t = {t}" for t in range(1, kl.shape[1])] + ["KL_f"]
