@@ -58,6 +58,9 @@ class Config:
                                  # (left/right), which z must then carry (beyond the paper; no parameters)
     f_first: bool = False        # q(f|x) reads the first frame x_1 only (content from one frame, as DRNET's content
                                  # encoder), so f sees one pose, not the action's course (beyond the paper; no parameters)
+    f_shuffle: int = 0           # q(f|x) reads each frame cut into f_shuffle x f_shuffle patches, shuffled and flipped
+                                 # left-right at random, so f sees colours and parts but not the pose or the facing
+                                 # (0: off, the paper; beyond it when > 0; no parameters)
     f_film: bool = False         # the decoder's feature maps are also scaled and shifted per channel by affine maps
                                  # of f (FiLM), so f can set colours wherever z puts a part (beyond the paper)
     channels: int = 256          # every convolution of encoder and decoder
@@ -126,6 +129,8 @@ _ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fie
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
     **{k: (lambda v: math.isfinite(v) and v > 0, "> 0 and finite") for k in ("beta_f", "beta_z", "likelihood_var")},
     "judge_every": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "f_shuffle": (lambda v: v == 0 or 0 < v < 64 and 64 % v == 0,
+                  "0 (off) or a divisor of 64 below it (2, 4, 8, 16, 32)"),
     "kl_warmup": (lambda v: math.isfinite(v) and v >= 0, ">= 0 and finite (0: off)"),
     "q_z": (lambda v: v in ("factorised", "full"), "'factorised' or 'full'"),
     "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
@@ -779,6 +784,20 @@ def reparameterize(mean, logvar, sample=True, generator=None):
     return mean + eps * torch.exp(0.5 * logvar)
 
 
+def shuffle_patches(x, size, generator=None):
+    """x (B, T, C, H, W) with each frame cut into size x size patches, put back in a random order, each flipped
+    left-right with probability 1/2: a view of the frame that keeps its colours and local parts but not where they
+    are, nor which way they face (Config.f_shuffle, beyond the paper). Every frame draws its own order."""
+    b, t, c, hgt, w = x.shape
+    rows, cols = hgt // size, w // size
+    p = x.reshape(b * t, c, rows, size, cols, size).permute(0, 2, 4, 1, 3, 5).reshape(b * t, rows * cols, c, size, size)
+    order = torch.rand(b * t, rows * cols, generator=generator, device=x.device).argsort(dim=1)
+    p = p.gather(1, order[:, :, None, None, None].expand_as(p))
+    flip = torch.rand(b * t, rows * cols, generator=generator, device=x.device) < 0.5
+    p = torch.where(flip[:, :, None, None, None], p.flip(-1), p)
+    return p.reshape(b * t, rows, cols, c, size, size).permute(0, 3, 1, 4, 2, 5).reshape(b, t, c, hgt, w)
+
+
 # ----------------------------------------------------------------------------- model: encoder and posteriors
 class FrameEncoder(nn.Module):
     """x_t (3x64x64) -> frame encoding: 4 convs (kernel 5) to Cx8x8, then affine -> enc_hidden -> frame_dim."""
@@ -939,9 +958,17 @@ class DSAE(nn.Module):
     def features(self, x):
         """(h_1:T, what q(f|x) reads): the frame features, and either the same h or, with f_mirror, the mean of the
         features of x and of its mirror image; with f_first, only the first frame's (B, 1, frame_dim), mirrored too
-        with f_mirror. Everything goes through the encoder as one batch, so that BatchNorm normalises it with the same
-        statistics in training as its running statistics do in evaluation."""
+        with f_mirror; with f_shuffle, those frames' patches shuffled and flipped at random (`shuffle_patches`; in
+        evaluation always the same draw, so encoding is deterministic). Everything goes through the encoder as one
+        batch, so that BatchNorm normalises it with the same statistics in training as its running statistics do in
+        evaluation."""
         c, t = self.config, x.shape[1]
+        if c.f_shuffle:
+            generator = None if self.training else torch.Generator(x.device).manual_seed(0)  # fixed in evaluation
+            view = shuffle_patches(x[:, :1] if c.f_first else x, c.f_shuffle, generator)
+            n = view.shape[1]
+            h = self.encoder(torch.cat([x, view, view.flip(-1)] if c.f_mirror else [x, view], dim=1))
+            return h[:, :t], ((h[:, t:t + n] + h[:, t + n:]) / 2 if c.f_mirror else h[:, t:])
         if not (c.f_mirror or c.f_first):
             h = self.encoder(x)
             return h, h
@@ -2029,9 +2056,10 @@ def judge_protocol_table(summaries):
     return pd.DataFrame(table).T
 
 
-BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_first", "f_film", "kl_warmup")  # KL weights other
-# than 1, or another likelihood scale than the SSE, change the paper's objective; a mirror-invariant or one-frame
-# q(f|x) or FiLM changes its model; KL annealing changes its training (the objective it ends on is the paper's)
+BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_first", "f_shuffle", "f_film",
+                    "kl_warmup")  # KL weights other than 1, or another likelihood scale than the SSE, change the
+# paper's objective; a mirror-invariant, one-frame or patch-shuffled q(f|x) or FiLM changes its model; KL annealing
+# changes its training (the objective it ends on is the paper's)
 
 
 def faithful_to_paper(config: dict):
@@ -2095,6 +2123,7 @@ def results_markdown(metrics):
                      f"beta_f {c.get('beta_f', 1.0)}, "
                      f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
                      + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_first", "f_film") if c.get(k))
+                     + (f", f_shuffle {c['f_shuffle']} (beyond the paper)" if c.get("f_shuffle") else "")
                      + (f", KL annealed over {c['kl_warmup']:g} epochs (beyond the paper)" if c.get("kl_warmup") else ""))
     lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",
               "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]

@@ -186,6 +186,55 @@ def test_first_frame_content_reads_x1_only(batch, mirror):
     assert torch.allclose(mirrored.f_mean, post.f_mean, atol=1e-5) == mirror
 
 
+@pytest.mark.parametrize("size", [8, 16])
+def test_shuffle_patches_rearranges_each_frames_own_patches(batch, size):
+    """shuffle_patches (f_shuffle): each frame's output patches are its own input patches, each used once, some
+    flipped left-right; the layout changes, every frame draws its own order, and a seeded generator repeats."""
+    x = batch[:2]
+    out = dsae.shuffle_patches(x, size, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out, dsae.shuffle_patches(x, size, torch.Generator().manual_seed(1)))
+
+    def patches(v):  # (frames, patches, C * size * size)
+        b, t, c, h, w = v.shape
+        return v.reshape(b * t, c, h // size, size, w // size, size).permute(0, 2, 4, 1, 3, 5).reshape(
+            b * t, (h // size) * (w // size), c, size, size)
+
+    src, dst = patches(x), patches(out)
+    for s, d in zip(src, dst):  # the same patches, frame by frame, up to left-right flips
+        sym = [(v + v.flip(-1)).flatten(1).unique(dim=0, return_counts=True) for v in (s, d)]
+        torch.testing.assert_close(sym[0], sym[1])
+    frame_src, frame_dst = src[0].flatten(1), dst[0].flatten(1)
+    as_is = (frame_dst[:, None] == frame_src[None]).all(-1).any(1)
+    as_mirror = (dst[0].flip(-1).flatten(1)[:, None] == frame_src[None]).all(-1).any(1)
+    assert (as_mirror & ~as_is).any() and (as_is & ~as_mirror).any()  # some patches flipped, some not
+    drawn = (src != -1).flatten(2).any(-1)  # patches with some of the character (the background is -1)
+    moved = (src != dst).flatten(2).any(-1)
+    assert moved[drawn].float().mean() > 0.6  # the layout is gone
+    twin = dsae.shuffle_patches(x[:, :1].expand(-1, 2, -1, -1, -1), size, torch.Generator().manual_seed(1))
+    assert not torch.equal(twin[:, 0], twin[:, 1])  # the same frame twice: two draws
+
+
+def test_shuffled_content_reads_a_fresh_draw_in_training_and_a_fixed_one_in_evaluation(batch):
+    """f_shuffle (beyond the paper): q(f|x) reads the frames' patches shuffled, z reads the frames as they are. In
+    training each step draws a new shuffle; in evaluation the draw is fixed, so encoding is deterministic. No
+    parameters are added (warm starts cross it)."""
+    torch.manual_seed(0)
+    plain = dsae.DSAE(dsae.make_config("smoke", q_z="factorised")).eval()
+    model = dsae.DSAE(dsae.make_config("smoke", q_z="factorised", f_shuffle=8)).eval()
+    model.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        post, again, plain_post = (m.encode(batch, sample=False) for m in (model, model, plain))
+        h, h_f = model.features(batch)
+        view = dsae.shuffle_patches(batch, 8, torch.Generator().manual_seed(0))
+        torch.testing.assert_close(h_f, model.encoder(torch.cat([batch, view], dim=1))[:, batch.shape[1]:])
+        model.train()
+        first, second = model.features(batch)[1], model.features(batch)[1]
+    torch.testing.assert_close(again.f_mean, post.f_mean)
+    torch.testing.assert_close(post.z_mean, plain_post.z_mean)  # the factorised q(z_t|x_t) reads x_t itself
+    assert not torch.allclose(post.f_mean, plain_post.f_mean, atol=1e-4)
+    assert not torch.allclose(first, second, atol=1e-4)
+
+
 def test_mirror_features_are_normalised_alike_in_training_and_evaluation(batch):
     """f_mirror: x and its mirror image go through the encoder as one batch, so BatchNorm's running statistics are
     those the training batches were normalised with; two separate passes (each normalised by its own batch) give
