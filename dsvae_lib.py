@@ -59,8 +59,8 @@ class Config:
     f_first: bool = False        # q(f|x) reads the first frame x_1 only (content from one frame, as DRNET's content
                                  # encoder), so f sees one pose, not the action's course (beyond the paper; no parameters)
     f_shuffle: int = 0           # q(f|x) reads each frame cut into f_shuffle x f_shuffle patches, shuffled and flipped
-                                 # left-right at random, so f sees colours and parts but not the pose or the facing
-                                 # (0: off, the paper; beyond it when > 0; no parameters)
+                                 # left-right at random, so f sees colours and parts but not their layout (0: off, the
+                                 # paper; beyond it when > 0; no parameters)
     f_film: bool = False         # the decoder's feature maps are also scaled and shifted per channel by affine maps
                                  # of f (FiLM), so f can set colours wherever z puts a part (beyond the paper)
     channels: int = 256          # every convolution of encoder and decoder
@@ -130,7 +130,7 @@ _ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fie
     **{k: (lambda v: math.isfinite(v) and v > 0, "> 0 and finite") for k in ("beta_f", "beta_z", "likelihood_var")},
     "judge_every": (lambda v: v >= 0, ">= 0 (0: off)"),
     "f_shuffle": (lambda v: v == 0 or 0 < v < 64 and 64 % v == 0,
-                  "0 (off) or a divisor of 64 below it (2, 4, 8, 16, 32)"),
+                  "0 (off) or a divisor of 64 below it (1, 2, 4, 8, 16, 32)"),
     "kl_warmup": (lambda v: math.isfinite(v) and v >= 0, ">= 0 and finite (0: off)"),
     "q_z": (lambda v: v in ("factorised", "full"), "'factorised' or 'full'"),
     "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
@@ -787,7 +787,8 @@ def reparameterize(mean, logvar, sample=True, generator=None):
 def shuffle_patches(x, size, generator=None):
     """x (B, T, C, H, W) with each frame cut into size x size patches, put back in a random order, each flipped
     left-right with probability 1/2: a view of the frame that keeps its colours and local parts but not where they
-    are, nor which way they face (Config.f_shuffle, beyond the paper). Every frame draws its own order."""
+    are, nor which way they face (Config.f_shuffle, beyond the paper). Every frame of every sequence draws its own
+    order, so with a seeded generator a sequence's draw depends on its place in the batch."""
     b, t, c, hgt, w = x.shape
     rows, cols = hgt // size, w // size
     p = x.reshape(b * t, c, rows, size, cols, size).permute(0, 2, 4, 1, 3, 5).reshape(b * t, rows * cols, c, size, size)
@@ -959,7 +960,7 @@ class DSAE(nn.Module):
         """(h_1:T, what q(f|x) reads): the frame features, and either the same h or, with f_mirror, the mean of the
         features of x and of its mirror image; with f_first, only the first frame's (B, 1, frame_dim), mirrored too
         with f_mirror; with f_shuffle, those frames' patches shuffled and flipped at random (`shuffle_patches`; in
-        evaluation always the same draw, so encoding is deterministic). Everything goes through the encoder as one
+        evaluation a seeded draw, the same for the same batch layout, so encoding is deterministic). Everything goes through the encoder as one
         batch, so that BatchNorm normalises it with the same statistics in training as its running statistics do in
         evaluation."""
         c, t = self.config, x.shape[1]

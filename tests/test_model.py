@@ -211,22 +211,31 @@ def test_shuffle_patches_rearranges_each_frames_own_patches(batch, size):
     moved = (src != dst).flatten(2).any(-1)
     assert moved[drawn].float().mean() > 0.6  # the layout is gone
     twin = dsae.shuffle_patches(x[:, :1].expand(-1, 2, -1, -1, -1), size, torch.Generator().manual_seed(1))
-    assert not torch.equal(twin[:, 0], twin[:, 1])  # the same frame twice: two draws
+    assert not torch.equal(twin[:, 0], twin[:, 1])  # the same frame twice in a sequence: two draws
+    twin = dsae.shuffle_patches(x[:1].expand(2, -1, -1, -1, -1), size, torch.Generator().manual_seed(1))
+    assert not torch.equal(twin[0], twin[1])  # the same sequence twice in a batch: two draws
 
 
-def test_shuffled_content_reads_a_fresh_draw_in_training_and_a_fixed_one_in_evaluation(batch):
-    """f_shuffle (beyond the paper): q(f|x) reads the frames' patches shuffled, z reads the frames as they are. In
-    training each step draws a new shuffle; in evaluation the draw is fixed, so encoding is deterministic. No
-    parameters are added (warm starts cross it)."""
+@pytest.mark.parametrize("first,mirror", [(False, False), (True, False), (False, True)])
+def test_shuffled_content_reads_a_fresh_draw_in_training_and_a_fixed_one_in_evaluation(batch, first, mirror):
+    """f_shuffle (beyond the paper): q(f|x) reads the frames' patches shuffled (with f_first, the first frame's; with
+    f_mirror, the mean over that view and its mirror image), z reads the frames as they are. In training each step
+    draws a new shuffle; in evaluation the draw is fixed, so encoding is deterministic. No parameters are added."""
     torch.manual_seed(0)
     plain = dsae.DSAE(dsae.make_config("smoke", q_z="factorised")).eval()
-    model = dsae.DSAE(dsae.make_config("smoke", q_z="factorised", f_shuffle=8)).eval()
+    model = dsae.DSAE(dsae.make_config("smoke", q_z="factorised", f_shuffle=8, f_first=first, f_mirror=mirror)).eval()
     model.load_state_dict(plain.state_dict())
+    t = batch.shape[1]
     with torch.no_grad():
         post, again, plain_post = (m.encode(batch, sample=False) for m in (model, model, plain))
         h, h_f = model.features(batch)
-        view = dsae.shuffle_patches(batch, 8, torch.Generator().manual_seed(0))
-        torch.testing.assert_close(h_f, model.encoder(torch.cat([batch, view], dim=1))[:, batch.shape[1]:])
+        view = dsae.shuffle_patches(batch[:, :1] if first else batch, 8, torch.Generator().manual_seed(0))
+        expected = model.encoder(torch.cat([batch, view] + [view.flip(-1)] * mirror, dim=1))[:, t:]
+        if mirror:
+            expected = (expected[:, :view.shape[1]] + expected[:, view.shape[1]:]) / 2
+        assert h_f.shape == (len(batch), 1 if first else t, h.shape[-1])
+        torch.testing.assert_close(h_f, expected)
+        torch.testing.assert_close(h, plain.encoder(batch))
         model.train()
         first, second = model.features(batch)[1], model.features(batch)[1]
     torch.testing.assert_close(again.f_mean, post.f_mean)
