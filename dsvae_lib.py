@@ -957,27 +957,24 @@ class DSAE(nn.Module):
         return next(self.parameters()).device
 
     def features(self, x):
-        """(h_1:T, what q(f|x) reads): the frame features, and either the same h or, with f_mirror, the mean of the
-        features of x and of its mirror image; with f_first, only the first frame's (B, 1, frame_dim), mirrored too
-        with f_mirror; with f_shuffle, those frames' patches shuffled and flipped at random (`shuffle_patches`; in
-        evaluation a seeded draw, the same for the same batch layout, so encoding is deterministic). Everything goes through the encoder as one
-        batch, so that BatchNorm normalises it with the same statistics in training as its running statistics do in
-        evaluation."""
+        """(h_1:T, what q(f|x) reads): the frame features, and what q(f|x) reads of them. That is h itself (the paper),
+        or only the first frame's (B, 1, frame_dim) with f_first; with f_shuffle, the features of those frames with
+        their patches shuffled and flipped at random (`shuffle_patches`; in evaluation a seeded draw, the same for the
+        same batch layout, so encoding is deterministic); with f_mirror, the mean of those features and of their
+        mirror image's. Everything goes through the encoder as one batch, so that BatchNorm normalises it with the
+        same statistics in training as its running statistics do in evaluation."""
         c, t = self.config, x.shape[1]
+        n = 1 if c.f_first else t  # the frames q(f|x) reads
+        view, extra = x[:, :n], []  # extra: what the encoder reads besides x
         if c.f_shuffle:
             generator = None if self.training else torch.Generator(x.device).manual_seed(0)  # fixed in evaluation
-            view = shuffle_patches(x[:, :1] if c.f_first else x, c.f_shuffle, generator)
-            n = view.shape[1]
-            h = self.encoder(torch.cat([x, view, view.flip(-1)] if c.f_mirror else [x, view], dim=1))
-            return h[:, :t], ((h[:, t:t + n] + h[:, t + n:]) / 2 if c.f_mirror else h[:, t:])
-        if not (c.f_mirror or c.f_first):
-            h = self.encoder(x)
-            return h, h
-        if c.f_first:
-            h = self.encoder(torch.cat([x, x[:, :1].flip(-1)], dim=1) if c.f_mirror else x)
-            return h[:, :t], ((h[:, :1] + h[:, t:]) / 2 if c.f_mirror else h[:, :1])
-        h, h_mirror = self.encoder(torch.cat([x, x.flip(-1)])).chunk(2)
-        return h, (h + h_mirror) / 2
+            view = shuffle_patches(view, c.f_shuffle, generator)
+            extra.append(view)
+        if c.f_mirror:
+            extra.append(view.flip(-1))
+        h = self.encoder(torch.cat([x, *extra], dim=1) if extra else x)
+        reads = ([] if c.f_shuffle else [h[:, :n]]) + (list(h[:, t:].split(n, dim=1)) if extra else [])
+        return h[:, :t], reads[0] if len(reads) == 1 else sum(reads) / len(reads)
 
     def encode(self, x, sample=True, generator=None) -> Posterior:
         """q(f|x) q(z|x[, f]); with sample=False, f and z are the posterior means; samples draw from `generator`
