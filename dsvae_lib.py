@@ -61,6 +61,10 @@ class Config:
     f_shuffle: int = 0           # q(f|x) reads each frame cut into f_shuffle x f_shuffle patches, shuffled and flipped
                                  # left-right at random, so f sees colours and parts but not their layout (0: off, the
                                  # paper; beyond it when > 0; no parameters)
+    f_pool: bool = False         # q(f|x) reads each frame's convolutional features averaged over the 8x8 positions, so
+                                 # f sees what is drawn, not where (beyond the paper; no parameters)
+    z_grey: bool = False         # q(z|x) reads the frames in grey (their luminance), so z sees shapes and poses but not
+                                 # colours, which only f can then carry (beyond the paper; no parameters)
     f_film: bool = False         # the decoder's feature maps are also scaled and shifted per channel by affine maps
                                  # of f (FiLM), so f can set colours wherever z puts a part (beyond the paper)
     channels: int = 256          # every convolution of encoder and decoder
@@ -129,8 +133,8 @@ _ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fie
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
     **{k: (lambda v: math.isfinite(v) and v > 0, "> 0 and finite") for k in ("beta_f", "beta_z", "likelihood_var")},
     "judge_every": (lambda v: v >= 0, ">= 0 (0: off)"),
-    "f_shuffle": (lambda v: v == 0 or 0 < v < 64 and 64 % v == 0,
-                  "0 (off) or a divisor of 64 below it (1, 2, 4, 8, 16, 32)"),
+    "f_shuffle": (lambda v: v == 0 or 0 < v < CELL and CELL % v == 0,  # CELL: the frame's side (data section)
+                  "0 (off) or a divisor of the frame's side 64 below it (1, 2, 4, 8, 16, 32)"),
     "kl_warmup": (lambda v: math.isfinite(v) and v >= 0, ">= 0 and finite (0: off)"),
     "q_z": (lambda v: v in ("factorised", "full"), "'factorised' or 'full'"),
     "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
@@ -784,6 +788,12 @@ def reparameterize(mean, logvar, sample=True, generator=None):
     return mean + eps * torch.exp(0.5 * logvar)
 
 
+def grey(x):
+    """x (..., 3, H, W) in [-1, 1] -> its luminance (ITU-R BT.601 weights) in all three channels (Config.z_grey)."""
+    y = (x * x.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(dim=-3, keepdim=True)
+    return y.expand_as(x)
+
+
 def shuffle_patches(x, size, generator=None):
     """x (B, T, C, H, W) with each frame cut into size x size patches, put back in a random order, each flipped
     left-right with probability 1/2: a view of the frame that keeps its colours and local parts but not where they
@@ -810,9 +820,14 @@ class FrameEncoder(nn.Module):
         self.fc = nn.Sequential(*_affine(FEATURE * FEATURE * c.channels, c.enc_hidden),
                                 *_affine(c.enc_hidden, c.frame_dim))
 
-    def forward(self, x):  # (B, T, 3, 64, 64) -> (B, T, frame_dim)
+    def forward(self, x, pooled=0):  # (B, T, 3, 64, 64) -> (B, T, frame_dim)
+        """The last `pooled` frames along t read their feature map averaged over its positions (Config.f_pool)."""
         b, t = x.shape[:2]
         h = self.conv(x.flatten(0, 1))
+        if pooled:
+            h = h.unflatten(0, (b, t))
+            mean = h[:, t - pooled:].mean(dim=(-2, -1), keepdim=True).expand(-1, -1, -1, *h.shape[-2:])
+            h = torch.cat([h[:, :t - pooled], mean], dim=1).flatten(0, 1)
         return self.fc(h.flatten(1)).view(b, t, -1)
 
 
@@ -961,8 +976,11 @@ class DSAE(nn.Module):
         or only the first frame's (B, 1, frame_dim) with f_first; with f_shuffle, the features of those frames with
         their patches shuffled and flipped at random (`shuffle_patches`; in evaluation a seeded draw, the same for the
         same batch layout, so encoding is deterministic); with f_mirror, the mean of those features and of their
-        mirror image's. Everything goes through the encoder as one batch, so that BatchNorm normalises it with the
-        same statistics in training as its running statistics do in evaluation."""
+        mirror image's; with f_pool, each of those frames read through its feature map averaged over positions.
+        With z_grey, h_1:T are the features of the frames in grey, and q(f|x) still reads them in colour.
+        Everything goes through the encoder as one batch, so that BatchNorm normalises it with the same
+        statistics in training as its running statistics do in evaluation.
+        """
         c, t = self.config, x.shape[1]
         n = 1 if c.f_first else t  # the frames q(f|x) reads
         view, extra = x[:, :n], []  # extra: what the encoder reads besides x
@@ -972,8 +990,13 @@ class DSAE(nn.Module):
             extra.append(view)
         if c.f_mirror:
             extra.append(view.flip(-1))
-        h = self.encoder(torch.cat([x, *extra], dim=1) if extra else x)
-        reads = ([] if c.f_shuffle else [h[:, :n]]) + (list(h[:, t:].split(n, dim=1)) if extra else [])
+        own = not (c.f_shuffle or c.f_pool or c.z_grey)  # q(f|x) reads the features z reads
+        if not own and not c.f_shuffle:  # the frames themselves, as q(f|x) reads them (pooled, or in colour)
+            extra.insert(0, view)
+        pooled = n * len(extra) if c.f_pool else 0
+        x_z = grey(x) if c.z_grey else x
+        h = self.encoder(torch.cat([x_z, *extra], dim=1) if extra else x_z, pooled)
+        reads = ([h[:, :n]] if own else []) + (list(h[:, t:].split(n, dim=1)) if extra else [])
         return h[:, :t], reads[0] if len(reads) == 1 else sum(reads) / len(reads)
 
     def encode(self, x, sample=True, generator=None) -> Posterior:
@@ -2054,10 +2077,10 @@ def judge_protocol_table(summaries):
     return pd.DataFrame(table).T
 
 
-BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_first", "f_shuffle", "f_film",
-                    "kl_warmup")  # KL weights other than 1, or another likelihood scale than the SSE, change the
-# paper's objective; a mirror-invariant, one-frame or patch-shuffled q(f|x) or FiLM changes its model; KL annealing
-# changes its training (the objective it ends on is the paper's)
+BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_first", "f_shuffle", "f_pool", "z_grey",
+                    "f_film", "kl_warmup")  # KL weights other than 1, or another likelihood scale than the SSE, change the
+# paper's objective; a mirror-invariant, one-frame, patch-shuffled or pooled q(f|x), a grey q(z|x) or FiLM changes
+# its model; KL annealing changes its training (the objective it ends on is the paper's)
 
 
 def faithful_to_paper(config: dict):
@@ -2120,7 +2143,8 @@ def results_markdown(metrics):
                      f"{trained}; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, "
                      f"beta_f {c.get('beta_f', 1.0)}, "
                      f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
-                     + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_first", "f_film") if c.get(k))
+                     + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_first", "f_pool", "z_grey", "f_film")
+                               if c.get(k))
                      + (f", f_shuffle {c['f_shuffle']} (beyond the paper)" if c.get("f_shuffle") else "")
                      + (f", KL annealed over {c['kl_warmup']:g} epochs (beyond the paper)" if c.get("kl_warmup") else ""))
     lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",

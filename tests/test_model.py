@@ -216,6 +216,56 @@ def test_shuffle_patches_rearranges_each_frames_own_patches(batch, size):
     assert not torch.equal(twin[0], twin[1])  # the same sequence twice in a batch: two draws
 
 
+@pytest.mark.parametrize("shuffle", [0, 8])
+def test_pooled_content_reads_each_frames_features_averaged_over_positions(batch, shuffle):
+    """f_pool (beyond the paper): q(f|x) reads each frame (with f_shuffle, its shuffled view) through the encoder's
+    feature map averaged over its 8x8 positions, not where on the map each feature is; z reads the frames as they
+    are. No parameters are added."""
+    torch.manual_seed(0)
+    plain = dsae.DSAE(dsae.make_config("smoke", q_z="factorised")).eval()
+    model = dsae.DSAE(dsae.make_config("smoke", q_z="factorised", f_pool=True, f_shuffle=shuffle)).eval()
+    model.load_state_dict(plain.state_dict())
+    enc, t = model.encoder, batch.shape[1]
+    with torch.no_grad():
+        h, h_f = model.features(batch)
+        view = dsae.shuffle_patches(batch, shuffle, torch.Generator().manual_seed(0)) if shuffle else batch
+        maps = enc.conv(view.flatten(0, 1))
+        expected = enc.fc(maps.mean(dim=(-2, -1), keepdim=True).expand_as(maps).flatten(1)).view(*batch.shape[:2], -1)
+        torch.testing.assert_close(h_f, expected)
+        torch.testing.assert_close(h, plain.encoder(batch))  # z's frames are not pooled
+        assert not torch.allclose(h_f, enc.fc(maps.flatten(1)).view_as(h_f), atol=1e-4)  # pooling changes the read
+        post, plain_post = model.encode(batch, sample=False), plain.encode(batch, sample=False)
+    torch.testing.assert_close(post.z_mean, plain_post.z_mean)
+    assert not torch.allclose(post.f_mean, plain_post.f_mean, atol=1e-4)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+@pytest.mark.parametrize("q_z", ["factorised", "full"])
+def test_grey_dynamics_read_the_frames_luminance_and_content_their_colours(batch, q_z):
+    """z_grey (beyond the paper): q(z|x) reads the frames in grey, so recolouring them without changing their
+    luminance leaves z's features as they are; q(f|x) reads them in colour, as the paper's does. No parameters."""
+    torch.manual_seed(0)
+    plain = dsae.DSAE(dsae.make_config("smoke", q_z=q_z)).eval()
+    model = dsae.DSAE(dsae.make_config("smoke", q_z=q_z, z_grey=True)).eval()
+    model.load_state_dict(plain.state_dict())
+    luma = torch.tensor([0.299, 0.587, 0.114])[:, None, None]
+    y = (batch * luma).sum(-3, keepdim=True)
+    torch.testing.assert_close(dsae.grey(batch), y.expand_as(batch))
+    shift = torch.tensor([0.114, 0.0, -0.299])[:, None, None] * 0.5  # no change of luminance: 0.299 a + 0.114 c = 0
+    recoloured = batch + shift
+    with torch.no_grad():
+        h, h_f = model.features(batch)
+        h_re, h_f_re = model.features(recoloured)
+        torch.testing.assert_close(h, plain.encoder(dsae.grey(batch)))
+        torch.testing.assert_close(h_re, h)  # z reads no colour
+        assert not torch.allclose(h_f_re, h_f, atol=1e-4)  # f does
+        torch.testing.assert_close(h_f, plain.features(batch)[1])
+        post, plain_post = model.encode(batch, sample=False), plain.encode(batch, sample=False)
+    torch.testing.assert_close(post.f_mean, plain_post.f_mean)
+    assert not torch.allclose(post.z_mean, plain_post.z_mean, atol=1e-4)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
 @pytest.mark.parametrize("first,mirror", [(False, False), (True, False), (False, True)])
 def test_shuffled_content_reads_a_fresh_draw_in_training_and_a_fixed_one_in_evaluation(batch, first, mirror):
     """f_shuffle (beyond the paper): q(f|x) reads the frames' patches shuffled (with f_first, the first frame's; with

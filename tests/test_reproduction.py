@@ -158,8 +158,8 @@ def test_disentanglement_is_logged_during_training(tmp_path):
     study = dsae.collect_study([tmp_path / "tracked", tmp_path / "plain"][:1], out=tmp_path / "study.json")
     row = dsae.study_table(study, reference="smoke").loc["tracked"]
     assert row["changes"] == "(profile values)" and row["paper's model and objective"] == "yes" and row["epochs"] == "2 of 2"
-    for change in ({"f_mirror": True}, {"f_first": True}, {"f_shuffle": 8},  # q(f|x) variants
-                   {"f_film": True}, {"beta_z": 2.0}):  # FiLM, a KL weight
+    for change in ({"f_mirror": True}, {"f_first": True}, {"f_shuffle": 8}, {"f_pool": True}, {"z_grey": True},
+                   {"f_film": True}, {"beta_z": 2.0}):  # q(f|x) and q(z|x) variants, FiLM, a KL weight
         other = dsae.study_table({"x": {**study["tracked"], "config": {**study["tracked"]["config"], **change}}},
                                  reference="smoke").loc["x"]
         assert other["paper's model and objective"] == "no" and other["changes"] == "{}={}".format(*change.popitem())
