@@ -983,16 +983,12 @@ class DSAE(nn.Module):
         """
         c, t = self.config, x.shape[1]
         n = 1 if c.f_first else t  # the frames q(f|x) reads
-        view, extra = x[:, :n], []  # extra: what the encoder reads besides x
+        view = x[:, :n]
         if c.f_shuffle:
             generator = None if self.training else torch.Generator(x.device).manual_seed(0)  # fixed in evaluation
             view = shuffle_patches(view, c.f_shuffle, generator)
-            extra.append(view)
-        if c.f_mirror:
-            extra.append(view.flip(-1))
         own = not (c.f_shuffle or c.f_pool or c.z_grey)  # q(f|x) reads the features z reads
-        if not own and not c.f_shuffle:  # the frames themselves, as q(f|x) reads them (pooled, or in colour)
-            extra.insert(0, view)
+        extra = ([] if own else [view]) + ([view.flip(-1)] if c.f_mirror else [])  # what the encoder reads besides x
         pooled = n * len(extra) if c.f_pool else 0
         x_z = grey(x) if c.z_grey else x
         h = self.encoder(torch.cat([x_z, *extra], dim=1) if extra else x_z, pooled)
