@@ -65,6 +65,9 @@ class Config:
                                  # f sees what is drawn, not where (beyond the paper; no parameters)
     z_grey: bool = False         # q(z|x) reads the frames in grey (their luminance), so z sees shapes and poses but not
                                  # colours, which only f can then carry (beyond the paper; no parameters)
+    f_partner: bool = False      # in training, q(f|x) reads another sequence of x's character (another motion, drawn
+                                 # at random) instead of x, so f cannot hold x's motion; in evaluation it reads x. Uses
+                                 # the character labels: weakly supervised (beyond the paper; no parameters)
     f_film: bool = False         # the decoder's feature maps are also scaled and shifted per channel by affine maps
                                  # of f (FiLM), so f can set colours wherever z puts a part (beyond the paper)
     channels: int = 256          # every convolution of encoder and decoder
@@ -753,6 +756,19 @@ class Batches:
             yield idx, to_model_input(self.frames[idx])
 
 
+def partners(character, idx, generator=None):
+    """For each sequence idx (positions in a split), another sequence of the same character drawn at random from
+    `character` (the split's character ids): what q(f|x) reads in training under Config.f_partner. In Sprites a
+    character's other sequences are its other 8 motions. A sequence whose character has no other is its own partner."""
+    character = torch.as_tensor(np.asarray(character))
+    idx = torch.as_tensor(idx).cpu()
+    same = (character[idx][:, None] == character[None, :]).float()
+    same[torch.arange(len(idx)), idx] = 0.0
+    alone = same.sum(dim=1) == 0
+    same[alone, idx[alone]] = 1.0
+    return torch.multinomial(same, 1, generator=generator)[:, 0]
+
+
 # ----------------------------------------------------------------------------- model: building blocks
 
 def _conv(c_in, c_out, stride):
@@ -971,8 +987,9 @@ class DSAE(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
-    def features(self, x):
+    def features(self, x, partner=None):
         """(h_1:T, what q(f|x) reads): the frame features, and what q(f|x) reads of them. That is h itself (the paper),
+        or the features of `partner` when given (Config.f_partner in training: another sequence of each character),
         or only the first frame's (B, 1, frame_dim) with f_first; with f_shuffle, the features of those frames with
         their patches shuffled and flipped at random (`shuffle_patches`; in evaluation a seeded draw, the same for the
         same batch layout, so encoding is deterministic); with f_mirror, the mean of those features and of their
@@ -983,11 +1000,11 @@ class DSAE(nn.Module):
         """
         c, t = self.config, x.shape[1]
         n = 1 if c.f_first else t  # the frames q(f|x) reads
-        view = x[:, :n]
+        view = (x if partner is None else partner)[:, :n]
         if c.f_shuffle:
             generator = None if self.training else torch.Generator(x.device).manual_seed(0)  # fixed in evaluation
             view = shuffle_patches(view, c.f_shuffle, generator)
-        own = not (c.f_shuffle or c.f_pool or c.z_grey)  # q(f|x) reads the features z reads
+        own = partner is None and not (c.f_shuffle or c.f_pool or c.z_grey)  # q(f|x) reads the features z reads
         extra = ([] if own else [view]) + ([view.flip(-1)] if c.f_mirror else [])  # what the encoder reads besides x
         pooled = n * len(extra) if c.f_pool else 0
         x_z = grey(x) if c.z_grey else x
@@ -995,10 +1012,10 @@ class DSAE(nn.Module):
         reads = ([h[:, :n]] if own else []) + (list(h[:, t:].split(n, dim=1)) if extra else [])
         return h[:, :t], reads[0] if len(reads) == 1 else sum(reads) / len(reads)
 
-    def encode(self, x, sample=True, generator=None) -> Posterior:
+    def encode(self, x, sample=True, generator=None, partner=None) -> Posterior:
         """q(f|x) q(z|x[, f]); with sample=False, f and z are the posterior means; samples draw from `generator`
-        when given."""
-        h, h_f = self.features(x)
+        when given; q(f|x) reads `partner` instead of x when given (Config.f_partner, in training)."""
+        h, h_f = self.features(x, partner)
         f_mean, f_logvar = self.q_f(h_f)
         f = reparameterize(f_mean, f_logvar, sample, generator)
         z_mean, z_logvar = self.q_z(h, f)
@@ -1008,8 +1025,8 @@ class DSAE(nn.Module):
         """Mean of p(x_1:T | z_1:T, f), pixels in [-1, 1]."""
         return self.decoder(f, z)
 
-    def forward(self, x):
-        post = self.encode(x)
+    def forward(self, x, partner=None):
+        post = self.encode(x, partner=partner)
         return post, self.decode(post.f, post.z)
 
     def sample_f(self, n, generator=None):
@@ -1094,16 +1111,17 @@ def kl_normal(mean_q, logvar_q, mean_p=None, logvar_p=None):
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p).pow(2)) / logvar_p.exp() - 1.0)
 
 
-def elbo_terms(model: DSAE, x):
+def elbo_terms(model: DSAE, x, partner=None):
     """Negative ELBO of Eq. (5), averaged over the batch: -log p(x|z,f) + KL(q(f)||p(f)) + sum_t KL(q(z_t)||p(z_t|z<t)).
 
     The Gaussian likelihood of variance `likelihood_var` gives SSE / (2 var) (constants dropped; var 1/2: the SSE);
     the prior p(z_t|z<t) is evaluated on the posterior samples z_<t (teacher forcing), so both sides of each KL
-    describe the same sequence. Every term is computed in fp32. `loss` is the negative ELBO; `objective`, which
-    training minimises, weights the KLs by beta_f and beta_z (equal to `loss` with the paper's weights of 1).
+    describe the same sequence; q(f|x) reads `partner` when given (Config.f_partner). Every term is computed in fp32.
+    `loss` is the negative ELBO; `objective`, which training minimises, weights the KLs by beta_f and beta_z (equal
+    to `loss` with the paper's weights of 1).
     """
     c = model.config
-    post, x_hat = model(x)
+    post, x_hat = model(x, partner)
     prior_mean, prior_logvar = model.prior_z(post.z)
     b = len(x)
     recon = (x_hat.float() - x.float()).pow(2).sum() / (2 * c.likelihood_var * b)
@@ -1335,11 +1353,12 @@ def annealed_kl_weight(config: Config, epochs_done):
     return min(1.0, epochs_done / config.kl_warmup) if config.kl_warmup > 0 else 1.0
 
 
-def train_step(model, optimizer, x, config: Config, kl_weight=1.0):
+def train_step(model, optimizer, x, config: Config, kl_weight=1.0, partner=None):
     """One Adam step on the negative ELBO of a batch, its KL terms scaled by `kl_weight` (KL annealing; 1: the
-    objective of Eq. 5 with weights beta_f, beta_z); returns its terms (a non-finite loss is not applied)."""
+    objective of Eq. 5 with weights beta_f, beta_z), q(f|x) reading `partner` when given (Config.f_partner);
+    returns its terms (a non-finite loss is not applied)."""
     with _autocast(x.device, config.bf16):
-        terms = elbo_terms(model, x)
+        terms = elbo_terms(model, x, partner)
     objective = terms["objective"] if kl_weight == 1.0 else \
         terms["recon"] + kl_weight * (terms["objective"] - terms["recon"])
     if torch.isfinite(terms["loss"]) and torch.isfinite(objective):
@@ -1451,10 +1470,13 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
         model.train()
         train_batches.epoch = epoch
         sums, n, t0 = {}, 0, time.time()
+        draw = torch.Generator().manual_seed(config.seed * 100003 + epoch)  # f_partner: fixed by (seed, epoch)
         bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for i, (_, x) in enumerate(bar):
+        for i, (idx, x) in enumerate(bar):
             weight = annealed_kl_weight(config, epoch + (i + 1) / len(train_batches))
-            terms = train_step(step, optimizer, x, config, weight)
+            partner = to_model_input(train_batches.frames[partners(
+                train_data.character[:len(train_batches.frames)], idx, draw).to(device)]) if config.f_partner else None
+            terms = train_step(step, optimizer, x, config, weight, partner)
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(_diverged(terms["loss"].item(), epoch, start, ckpt_path, config))
             for k, v in terms.items():
@@ -2076,9 +2098,10 @@ def judge_protocol_table(summaries):
 
 
 BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_first", "f_shuffle", "f_pool", "z_grey",
-                    "f_film", "kl_warmup")  # KL weights other than 1, or another likelihood scale than the SSE, change the
-# paper's objective; a mirror-invariant, one-frame, patch-shuffled or pooled q(f|x), a grey q(z|x) or FiLM changes
-# its model; KL annealing changes its training (the objective it ends on is the paper's)
+                    "f_partner", "f_film", "kl_warmup")  # KL weights other than 1, or another likelihood scale than
+# the SSE, change the paper's objective; a mirror-invariant, one-frame, patch-shuffled, pooled or partner-reading
+# q(f|x), a grey q(z|x) or FiLM changes its model; KL annealing changes its training (the objective it ends on is the
+# paper's)
 
 
 def faithful_to_paper(config: dict):
@@ -2141,8 +2164,8 @@ def results_markdown(metrics):
                      f"{trained}; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, "
                      f"beta_f {c.get('beta_f', 1.0)}, "
                      f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
-                     + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_first", "f_pool", "z_grey", "f_film")
-                               if c.get(k))
+                     + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_first", "f_pool", "z_grey",
+                                                                     "f_partner", "f_film") if c.get(k))
                      + (f", f_shuffle {c['f_shuffle']} (beyond the paper)" if c.get("f_shuffle") else "")
                      + (f", KL annealed over {c['kl_warmup']:g} epochs (beyond the paper)" if c.get("kl_warmup") else ""))
     lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",

@@ -291,7 +291,7 @@ def test_non_finite_loss_messages_are_true_and_their_advice_works(tmp_path, monk
 
     dsae.train(smoke(tmp_path, "late", epochs=1), progress=False)
     elbo = dsae.elbo_terms
-    monkeypatch.setattr(dsae, "elbo_terms", lambda m, x: {**elbo(m, x), "loss": torch.tensor(float("inf"))})
+    monkeypatch.setattr(dsae, "elbo_terms", lambda m, x, p=None: {**elbo(m, x, p), "loss": torch.tensor(float("inf"))})
     with pytest.raises(FloatingPointError) as err:
         dsae.train(smoke(tmp_path, "late", epochs=2), progress=False)
     msg = str(err.value)

@@ -266,6 +266,55 @@ def test_grey_dynamics_read_the_frames_luminance_and_content_their_colours(batch
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
 
 
+def test_partners_are_other_sequences_of_the_same_character():
+    """f_partner's draw: for each sequence another of its character (in Sprites one of its other 8 motions), each
+    of them drawn, reproducible from the generator; a character with no other sequence is its own partner."""
+    data = dsae.load_sprites("train")
+    character, motion = np.asarray(data.character), np.asarray(data.motion)
+    idx = torch.arange(0, 900, 9)  # 100 characters
+    draws = torch.stack([dsae.partners(character, idx, torch.Generator().manual_seed(s)) for s in range(40)])
+    assert (character[draws.numpy()] == character[idx.numpy()]).all() and (draws != idx).all()
+    assert all(len(set(motion[draws[:, i].numpy()])) == 8 for i in range(3))  # the other 8 motions, not its own
+    assert torch.equal(draws[0], dsae.partners(character, idx, torch.Generator().manual_seed(0)))
+    assert not torch.equal(draws[0], draws[1])
+    lonely = np.array([5, 5, 7])  # character 7 has one sequence
+    assert dsae.partners(lonely, torch.tensor([0, 1, 2])).tolist() == [1, 0, 2]
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_partner_content_reads_the_partner_in_training_and_x_in_evaluation(batch, mirror):
+    """f_partner (beyond the paper, weakly supervised): given a partner, q(f|x) reads the partner's frames (with
+    f_mirror, and their mirror image) and q(z|x) reads x; without one, as in evaluation, the model is the one without
+    f_partner. No parameters are added."""
+    torch.manual_seed(0)
+    plain = dsae.DSAE(dsae.make_config("smoke", q_z="factorised", f_mirror=mirror)).eval()
+    model = dsae.DSAE(dsae.make_config("smoke", q_z="factorised", f_mirror=mirror, f_partner=True)).eval()
+    model.load_state_dict(plain.state_dict())
+    partner = batch.flip(0)  # each sequence's partner: another of the batch
+    with torch.no_grad():
+        h, h_f = model.features(batch, partner)
+        torch.testing.assert_close(h, plain.features(batch)[0])  # z reads x
+        torch.testing.assert_close(h_f, plain.features(partner)[1])  # f reads the partner
+        assert not torch.allclose(h_f, plain.features(batch)[1], atol=1e-4)
+        for got, want in zip(model.features(batch), plain.features(batch)):  # evaluation: q(f|x) reads x
+            torch.testing.assert_close(got, want)
+        post = model.encode(batch, sample=False, partner=partner)
+        torch.testing.assert_close(post.z_mean, plain.encode(batch, sample=False).z_mean)  # factorised: x's own z
+        torch.testing.assert_close(post.f_mean, plain.encode(partner, sample=False).f_mean)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert not dsae.faithful_to_paper(model.config.__dict__)
+
+
+def test_partner_training_draws_partners_by_seed_and_epoch(tmp_path):
+    """A run with f_partner trains on partners drawn afresh each epoch, fixed by (seed, epoch): two runs agree, and
+    they differ from the run without it."""
+    _, a = dsae.train(smoke(tmp_path, "a", f_partner=True, epochs=1), progress=False)
+    _, b = dsae.train(smoke(tmp_path, "b", f_partner=True, epochs=1), progress=False)
+    _, plain = dsae.train(smoke(tmp_path, "plain", epochs=1), progress=False)
+    assert a[0]["loss"] == b[0]["loss"] and a[0]["test_loss"] == b[0]["test_loss"]
+    assert a[0]["loss"] != plain[0]["loss"]
+
+
 @pytest.mark.parametrize("first,mirror", [(False, False), (True, False), (False, True)])
 def test_shuffled_content_reads_a_fresh_draw_in_training_and_a_fixed_one_in_evaluation(batch, first, mirror):
     """f_shuffle (beyond the paper): q(f|x) reads the frames' patches shuffled (with f_first, the first frame's; with
@@ -386,11 +435,11 @@ def test_training_writes_metrics_and_resumes_exactly(tmp_path, monkeypatch):
     calls = {"n": 0}
     elbo = dsae.elbo_terms
 
-    def killed_in_epoch_two(model, x):
+    def killed_in_epoch_two(model, x, partner=None):
         calls["n"] += 1
         if calls["n"] == 8 + 3:  # 8 batches per epoch: die during the third batch of epoch 2
             raise KeyboardInterrupt
-        return elbo(model, x)
+        return elbo(model, x, partner)
 
     monkeypatch.setattr(dsae, "elbo_terms", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
@@ -409,8 +458,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     good = (tmp_path / "nan" / "checkpoint.pt").read_bytes()
     elbo = dsae.elbo_terms
 
-    def nan_loss(model, x):
-        terms = elbo(model, x)
+    def nan_loss(model, x, partner=None):
+        terms = elbo(model, x, partner)
         return {**terms, "loss": terms["loss"] * float("nan")}
 
     monkeypatch.setattr(dsae, "elbo_terms", nan_loss)

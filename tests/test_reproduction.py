@@ -159,7 +159,7 @@ def test_disentanglement_is_logged_during_training(tmp_path):
     row = dsae.study_table(study, reference="smoke").loc["tracked"]
     assert row["changes"] == "(profile values)" and row["paper's model and objective"] == "yes" and row["epochs"] == "2 of 2"
     for change in ({"f_mirror": True}, {"f_first": True}, {"f_shuffle": 8}, {"f_pool": True}, {"z_grey": True},
-                   {"f_film": True}, {"beta_z": 2.0}):  # q(f|x) and q(z|x) variants, FiLM, a KL weight
+                   {"f_partner": True}, {"f_film": True}, {"beta_z": 2.0}):  # q(f|x) and q(z|x) variants, FiLM, a KL weight
         other = dsae.study_table({"x": {**study["tracked"], "config": {**study["tracked"]["config"], **change}}},
                                  reference="smoke").loc["x"]
         assert other["paper's model and objective"] == "no" and other["changes"] == "{}={}".format(*change.popitem())
