@@ -90,7 +90,7 @@ def test_prior_is_evaluated_on_the_posterior_samples(batch, q_z):
     seen = {}
     model.prior_z.register_forward_hook(lambda m, args, out: seen.update(prior_input=args[0]))
     encode = model.encode
-    model.encode = lambda x, sample=True: seen.setdefault("post", encode(x, sample))
+    model.encode = lambda x, sample=True, partner=None: seen.setdefault("post", encode(x, sample, partner=partner))
     terms = dsae.elbo_terms(model, batch)
     post = seen["post"]
     assert torch.equal(seen["prior_input"], post.z)
