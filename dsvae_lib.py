@@ -741,26 +741,35 @@ class Batches:
     def __init__(self, data: Sprites, batch_size, device="cpu", shuffle=True, seed=0, limit=None):
         n = len(data) if limit is None else min(limit, len(data))
         self.frames = torch.from_numpy(np.array(data.frames[:n])).to(device)
+        self.character = torch.from_numpy(np.array(data.character[:n]))
         self.batch_size, self.shuffle, self.device, self.seed, self.epoch = batch_size, shuffle, device, seed, 0
 
     def __len__(self):
         return -(-len(self.frames) // self.batch_size)
 
+    def generator(self):
+        """A fresh generator seeded by (seed, epoch): every draw of an epoch is fixed, so a resumed run repeats it."""
+        return torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+
     def __iter__(self):
         """Batches in an order fixed by (seed, epoch): a resumed run sees exactly the batches it would have."""
         n = len(self.frames)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)) \
-            if self.shuffle else torch.arange(n)
+        order = torch.randperm(n, generator=self.generator()) if self.shuffle else torch.arange(n)
         for i in range(0, n, self.batch_size):
             idx = order[i:i + self.batch_size].to(self.device)
             yield idx, to_model_input(self.frames[idx])
+
+    def partners(self, idx, generator):
+        """The model input of a partner of each sequence idx (`partners`, drawn from `generator`): what q(f|x)
+        reads in training under Config.f_partner."""
+        return to_model_input(self.frames[partners(self.character, idx, generator).to(self.device)])
 
 
 def partners(character, idx, generator=None):
     """For each sequence idx (positions in a split), another sequence of the same character drawn at random from
     `character` (the split's character ids): what q(f|x) reads in training under Config.f_partner. In Sprites a
     character's other sequences are its other 8 motions. A sequence whose character has no other is its own partner."""
-    character = torch.as_tensor(np.asarray(character))
+    character = torch.as_tensor(character)
     idx = torch.as_tensor(idx).cpu()
     same = (character[idx][:, None] == character[None, :]).float()
     same[torch.arange(len(idx)), idx] = 0.0
@@ -1470,12 +1479,11 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
         model.train()
         train_batches.epoch = epoch
         sums, n, t0 = {}, 0, time.time()
-        draw = torch.Generator().manual_seed(config.seed * 100003 + epoch)  # f_partner: fixed by (seed, epoch)
+        draw = train_batches.generator()  # f_partner's partners: fixed by (seed, epoch)
         bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for i, (idx, x) in enumerate(bar):
             weight = annealed_kl_weight(config, epoch + (i + 1) / len(train_batches))
-            partner = to_model_input(train_batches.frames[partners(
-                train_data.character[:len(train_batches.frames)], idx, draw).to(device)]) if config.f_partner else None
+            partner = train_batches.partners(idx, draw) if config.f_partner else None
             terms = train_step(step, optimizer, x, config, weight, partner)
             if not torch.isfinite(terms["loss"]):
                 raise FloatingPointError(_diverged(terms["loss"].item(), epoch, start, ckpt_path, config))
@@ -2152,6 +2160,8 @@ def results_markdown(metrics):
              f"on the real test split: " + ", ".join(f"{h} {100 * v:.1f} %" for h, v in
                                                    metrics["judge"]["test accuracy"].items())
              + (f" (judge file SHA-256 `{judge_sha[:16]}…`)" if (judge_sha := metrics["judge"].get("sha256")) else "")
+             + "".join(f"; evaluated on {p} in {a}" for p, a in dict.fromkeys(
+                 (r["processor"], r["arithmetic"]) for r in runs.values() if r.get("processor")))
              + ".", ""]
     for q, run in runs.items():
         c, init = run["config"], run.get("init")
@@ -2288,6 +2298,8 @@ def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit
     codes = encode_all(model, test, limit)  # once, for the judge protocol and the probe
     rows, confusions = evaluate(model, judge, test, seeds, limit, progress, codes=codes)
     record = {"checkpoint": _shown_path(path), "checkpoint sha256": sha256(path), "epochs": ckpt["epoch"],
+              "processor": processor_name(model.device.type),  # where and in what it was evaluated: bf16 kernels
+              "arithmetic": "bf16" if _bf16_on(model.device, model.config.bf16) else "fp32",  # differ a little
               "config": ckpt["config"], "init": ckpt.get("init"),
               "train seconds": sum(r["seconds"] for r in ckpt["history"]),
               "final ELBO terms": {k: ckpt["history"][-1][k] for k in ("loss", "recon", "kl_f", "kl_z", "test_loss")},

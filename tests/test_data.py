@@ -403,6 +403,21 @@ def test_batches_shuffled_cover_same_sequences(test_split):
     assert torch.cat([idx for idx, _ in again]).tolist() != order.tolist()
 
 
+def test_batch_partners_are_frames_of_the_same_character_drawn_by_seed_and_epoch(test_split):
+    """Batches.partners (f_partner): each sequence's partner is another sequence of its character among the first
+    `limit`, given as model input; the epoch's generator fixes the draw, and another epoch draws afresh."""
+    batches = dsvae_lib.Batches(test_split, batch_size=9, shuffle=True, seed=3, limit=90)  # 10 characters
+    character = np.asarray(test_split.character[:90])
+    frames = dsvae_lib.to_model_input(np.asarray(test_split.frames[:90]))
+    idx, _ = next(iter(batches))
+    got = batches.partners(idx, batches.generator())
+    which = [int(np.flatnonzero([torch.equal(g, f) for f in frames])[0]) for g in got]  # the sequences drawn
+    assert (character[which] == character[idx.numpy()]).all() and (np.array(which) != idx.numpy()).all()
+    torch.testing.assert_close(got, batches.partners(idx, batches.generator()), rtol=0, atol=0)
+    batches.epoch = 1
+    assert not torch.equal(got, batches.partners(idx, batches.generator()))
+
+
 def test_character_and_motion_encodings_invert_each_other():
     c = np.arange(dsvae_lib.N_CHARACTERS)
     assert (dsvae_lib.encode_character(*dsvae_lib.decode_character(c).T) == c).all()

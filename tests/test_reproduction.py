@@ -190,6 +190,8 @@ def test_study_runs_are_evaluated_by_the_protocol_of_the_weights_of_record(tmp_p
     assert got["runs"]["a"]["motion breakdown (first seed)"] == dsae.motion_breakdown(confusions["motion"])
     assert got["judge"]["sha256"] == judge.sha256 and got["test sequences"] == 270 and got["seeds"] == [0]
     assert got["runs"]["a"]["checkpoint sha256"] == dsae.sha256(run / "checkpoint.pt")
+    assert got["runs"]["a"]["processor"] == dsae.processor_name("cpu") and got["runs"]["a"]["arithmetic"] == \
+        ("bf16" if dsae.bf16_supported("cpu") else "fp32")  # where and in what it was read
     assert "z kept: motion" in capsys.readouterr().out
     weights = dsae.export_weights(run / "checkpoint.pt", tmp_path / "b.pt")
     dsae.main(["evaluate", str(weights), str(run), "--profile", "smoke", "--seeds", "0", "--out", str(out)])
@@ -320,7 +322,10 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     for m in (metrics, *ablations.values()):  # a judge recorded by the metrics of record is the committed one
         assert m["judge"].get("sha256") in judges | {None}
     judged = {**metrics, "judge": {**metrics["judge"], "sha256": "0123456789abcdef" * 4}}
-    assert "(judge file SHA-256 `0123456789abcdef…`)." in dsae.results_markdown(judged)  # when it is recorded
+    assert "(judge file SHA-256 `0123456789abcdef…`)" in dsae.results_markdown(judged)  # when it is recorded
+    placed = {**judged, "runs": {q: {**r, "processor": "Some CPU", "arithmetic": "bf16"}
+                                 for q, r in judged["runs"].items()}}
+    assert "`0123456789abcdef…`); evaluated on Some CPU in bf16." in dsae.results_markdown(placed)  # and where, how
     copy = tmp_path / "README.md"
     copy.write_text(f"before\n{dsae.README_BEGIN}\nold\n{dsae.README_END}\nafter\n")
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
