@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -56,20 +57,9 @@ class Config:
     q_z: str = "factorised"      # q(z|x): "factorised" (per frame) or "full" (conditioned on f, Eq. 6)
     f_mirror: bool = False       # q(f|x) reads x_1:T and its left-right mirror image, so f is blind to the facing
                                  # (left/right), which z must then carry (beyond the paper; no parameters)
-    f_first: bool = False        # q(f|x) reads the first frame x_1 only (content from one frame, as DRNET's content
-                                 # encoder), so f sees one pose, not the action's course (beyond the paper; no parameters)
-    f_shuffle: int = 0           # q(f|x) reads each frame cut into f_shuffle x f_shuffle patches, shuffled and flipped
-                                 # left-right at random, so f sees colours and parts but not their layout (0: off, the
-                                 # paper; beyond it when > 0; no parameters)
-    f_pool: bool = False         # q(f|x) reads each frame's convolutional features averaged over the 8x8 positions, so
-                                 # f sees what is drawn, not where (beyond the paper; no parameters)
-    z_grey: bool = False         # q(z|x) reads the frames in grey (their luminance), so z sees shapes and poses but not
-                                 # colours, which only f can then carry (beyond the paper; no parameters)
     f_partner: bool = False      # in training, q(f|x) reads another sequence of x's character (another motion, drawn
                                  # at random) instead of x, so f cannot hold x's motion; in evaluation it reads x. Uses
                                  # the character labels: weakly supervised (beyond the paper; no parameters)
-    f_film: bool = False         # the decoder's feature maps are also scaled and shifted per channel by affine maps
-                                 # of f (FiLM), so f can set colours wherever z puts a part (beyond the paper)
     channels: int = 256          # every convolution of encoder and decoder
     enc_hidden: int = 4096       # affine 8*8*channels -> enc_hidden -> frame_dim
     frame_dim: int = 2048        # frame encoding fed to the posteriors
@@ -85,8 +75,6 @@ class Config:
     beta_f: float = 1.0             # weight of KL(q(f)||p(f)) (beyond the paper when not 1)
     beta_z: float = 1.0             # weight of sum_t KL(q(z_t)||p(z_t|z<t)) (beyond the paper when not 1)
     likelihood_var: float = 0.5     # variance of the Gaussian likelihood p(x_t|z_t, f); 0.5 makes -log p the SSE
-    kl_warmup: float = 0.0          # KL annealing: over the first kl_warmup epochs both KL weights rise linearly
-                                    # from 0 to beta_f, beta_z, step by step (0: off, the paper; beyond it when > 0)
     train_limit: int | None = None  # use only the first N training sequences (smoke)
     eval_limit: int = 500           # test sequences for the per-epoch held-out ELBO
     judge_every: int = 0            # every k epochs, judge-protocol metrics on judge_limit test sequences (0: off)
@@ -109,7 +97,7 @@ class Config:
         for name, field in self.__dataclass_fields__.items():
             value = getattr(self, name)
             try:
-                setattr(self, name, _checked(name, field.type, value))
+                setattr(self, name, _checked(name, field.type, value, *_ALLOWED.get(name, ())))
             except ValueError as e:
                 errors.append(f"{name} must be {e}, not {value!r}")
         if errors:
@@ -136,21 +124,17 @@ _ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fie
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
     **{k: (lambda v: math.isfinite(v) and v > 0, "> 0 and finite") for k in ("beta_f", "beta_z", "likelihood_var")},
     "judge_every": (lambda v: v >= 0, ">= 0 (0: off)"),
-    "f_shuffle": (lambda v: v == 0 or 0 < v < CELL and CELL % v == 0,  # CELL: the frame's side (data section)
-                  "0 (off) or a divisor of the frame's side 64 below it (1, 2, 4, 8, 16, 32)"),
-    "kl_warmup": (lambda v: math.isfinite(v) and v >= 0, ">= 0 and finite (0: off)"),
     "q_z": (lambda v: v in ("factorised", "full"), "'factorised' or 'full'"),
     "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
     "device": (_is_device, "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"),
 }
 
 
-def _checked(name, annotation, value):
-    """`value` coerced to the field's annotated type (e.g. "3" -> 3 for an int) and range-checked; ValueError
-    saying what is allowed otherwise."""
+def _checked(name, annotation, value, test=lambda v: True, rule=""):
+    """`value` coerced to the field's annotated type (e.g. "3" -> 3 for an int) and checked by `test` (its range,
+    `rule` in words: _ALLOWED); ValueError saying what is allowed otherwise."""
     kind = str(annotation).split("|")[0].strip()
     optional = "None" in str(annotation)
-    test, rule = _ALLOWED.get(name, (lambda v: True, ""))
     what = {"int": f"an integer {rule}", "float": f"a number {rule}", "bool": "true or false",
             "tuple": f"two numbers {rule}", "str": rule or "a string"}.get(kind, rule or kind)
     what = f"None or {what}".strip() if optional else what.strip()
@@ -183,6 +167,46 @@ def _checked(name, annotation, value):
     if not ok:
         raise ValueError(what)
     return value
+
+
+RETIRED_AT = "474a9b0"  # the last commit that runs the retired options below (git worktree add ../study 474a9b0)
+RETIRED = {  # Config fields of study options that ended negative (notebook 06): field -> (its default, that commit)
+    name: (default, RETIRED_AT) for name, default in
+    (("f_first", False), ("f_shuffle", 0), ("f_pool", False), ("z_grey", False), ("f_film", False), ("kl_warmup", 0.0))}
+
+
+def config_from_dict(d: dict, source) -> Config:
+    """The Config that a checkpoint or weights file at `source` stores as a dict. A retired field (RETIRED) at its
+    default is dropped, so files written before its retirement still load; at another value the file needs that
+    field's code, and CheckpointError names the commit that still runs it. A field this version never had means the
+    file was written by another version of this module: CheckpointError naming the file and the field."""
+    fields = set(Config.__dataclass_fields__)
+    for name in sorted(set(d) - fields):
+        if name not in RETIRED:
+            raise CheckpointError(f"{source}: its config has the field {name}={d[name]!r}, which this version of "
+                                  f"dsvae_lib does not know; the file was written by another version of it")
+        default, commit = RETIRED[name]
+        if d[name] != default:
+            raise CheckpointError(f"{source}: its config sets the retired option {name}={d[name]!r}, whose code was "
+                                  f"removed; run it from commit {commit} (git worktree add ../study {commit})")
+    return Config(**{k: v for k, v in d.items() if k in fields})
+
+
+BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_partner")  # KL weights other than 1, or
+# another likelihood scale than the SSE, change the paper's objective; a mirror-invariant or partner-reading q(f|x)
+# changes its model (section "beyond the paper"). The retired options (RETIRED) went beyond it too.
+
+
+def beyond_the_paper(config: dict):
+    """["field=value" ("field" for a flag that is on), ...] of a run's config (a dict, as files store it) that leave the paper's model and objective:
+    the fields of BEYOND_THE_PAPER and RETIRED away from their defaults; [] for the paper's."""
+    defaults = {**{k: getattr(Config, k) for k in BEYOND_THE_PAPER}, **{k: d for k, (d, _) in RETIRED.items()}}
+    return [k if config[k] is True else f"{k}={config[k]}" for k, d in defaults.items() if config.get(k, d) != d]
+
+
+def faithful_to_paper(config: dict):
+    """Whether a run's config keeps the paper's model and objective (`beyond_the_paper` finds nothing)."""
+    return not beyond_the_paper(config)
 
 
 @dataclass(frozen=True)
@@ -218,12 +242,6 @@ PROFILES = {
                                "each sequence together with its left-right mirror image, so f cannot hold the facing "
                                "and z must. The objective, the latent sizes and the parameters are the paper's; this "
                                "q(f|x) and the warm start are not."),
-    # beyond the paper: the cpu profile trained with KL annealing (Config.kl_warmup); a study run, no weights
-    "cpu-anneal": Profile(config={**_CPU, "kl_warmup": 5, "epochs": 16}, figures="figures/cpu-anneal", of_record=False,
-                          note="The `cpu` profile with `kl_warmup=5`: both KL weights rise linearly from 0 to 1 over "
-                               "the first 5 of its 16 epochs (KL annealing), and the last 11 train on the paper's "
-                               "ELBO. The model, the sizes and the objective it ends on are the paper's; the "
-                               "annealed start of training is not."),
     "smoke": Profile(config=dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64,
                                  rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50,
                                  compile=False),  # 16 steps: compiling would never pay
@@ -289,7 +307,7 @@ DIRECTIONS = ("front", "left", "right")
 MOTIONS = tuple(f"{a}-{d}" for a in ACTIONS for d in DIRECTIONS)  # motion label = 3 * action + direction
 ROWS = {"walk": (10, 9, 11), "spellcard": (2, 1, 3), "slash": (14, 13, 15)}  # sheet row for front, left, right
 COLUMNS = {"walk": (8, 1, 2, 3, 4, 5, 6, 7), "spellcard": (0, 1, 2, 3, 4, 5, 4, 6), "slash": (0, 1, 2, 3, 4, 5, 4, 0)}
-N_MOTIONS = len(MOTIONS)
+N_MOTIONS = len(ACTIONS) * len(DIRECTIONS)
 
 
 def attribute_index(name):
@@ -692,22 +710,22 @@ def _strips(folder):
     return {rel: _motion_strip(Path(folder) / rel) for rel in SHEET_SHA256}
 
 
-def split_summary(train: Sprites, test: Sprites):
+def split_summary(train_data: Sprites, test: Sprites):
     """One row per split: sequences, characters, motions per character, frame shape."""
     import pandas as pd
     rows = {}
-    for name, d in (("train", train), ("test", test)):
+    for name, d in (("train", train_data), ("test", test)):
         per_char = np.bincount(d.character, minlength=N_CHARACTERS)
         rows[name] = {"sequences": len(d), "characters": len(np.unique(d.character)),
                       "motions per character": int(per_char[per_char > 0].min()), "frames": str(d.frames.shape[1:])}
     return pd.DataFrame(rows).T
 
 
-def label_counts(train: Sprites, test: Sprites):
+def label_counts(train_data: Sprites, test: Sprites):
     """Sequences per label value in each split (attributes, action, direction)."""
     import pandas as pd
     rows = []
-    for name, d in (("train", train), ("test", test)):
+    for name, d in (("train", train_data), ("test", test)):
         labels = {**{a: d.attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "action": d.action,
                   "direction": d.direction}
         for label, values in labels.items():
@@ -813,27 +831,6 @@ def reparameterize(mean, logvar, sample=True, generator=None):
     return mean + eps * torch.exp(0.5 * logvar)
 
 
-def grey(x):
-    """x (..., 3, H, W) in [-1, 1] -> its luminance (ITU-R BT.601 weights) in all three channels (Config.z_grey)."""
-    y = (x * x.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(dim=-3, keepdim=True)
-    return y.expand_as(x)
-
-
-def shuffle_patches(x, size, generator=None):
-    """x (B, T, C, H, W) with each frame cut into size x size patches, put back in a random order, each flipped
-    left-right with probability 1/2: a view of the frame that keeps its colours and local parts but not where they
-    are, nor which way they face (Config.f_shuffle, beyond the paper). Every frame of every sequence draws its own
-    order, so with a seeded generator a sequence's draw depends on its place in the batch."""
-    b, t, c, hgt, w = x.shape
-    rows, cols = hgt // size, w // size
-    p = x.reshape(b * t, c, rows, size, cols, size).permute(0, 2, 4, 1, 3, 5).reshape(b * t, rows * cols, c, size, size)
-    order = torch.rand(b * t, rows * cols, generator=generator, device=x.device).argsort(dim=1)
-    p = p.gather(1, order[:, :, None, None, None].expand_as(p))
-    flip = torch.rand(b * t, rows * cols, generator=generator, device=x.device) < 0.5
-    p = torch.where(flip[:, :, None, None, None], p.flip(-1), p)
-    return p.reshape(b * t, rows, cols, c, size, size).permute(0, 3, 1, 4, 2, 5).reshape(b, t, c, hgt, w)
-
-
 # ----------------------------------------------------------------------------- model: encoder and posteriors
 class FrameEncoder(nn.Module):
     """x_t (3x64x64) -> frame encoding: 4 convs (kernel 5) to Cx8x8, then affine -> enc_hidden -> frame_dim."""
@@ -845,15 +842,9 @@ class FrameEncoder(nn.Module):
         self.fc = nn.Sequential(*_affine(FEATURE * FEATURE * c.channels, c.enc_hidden),
                                 *_affine(c.enc_hidden, c.frame_dim))
 
-    def forward(self, x, pooled=0):  # (B, T, 3, 64, 64) -> (B, T, frame_dim)
-        """The last `pooled` frames along t read their feature map averaged over its positions (Config.f_pool)."""
+    def forward(self, x):  # (B, T, 3, 64, 64) -> (B, T, frame_dim)
         b, t = x.shape[:2]
-        h = self.conv(x.flatten(0, 1))
-        if pooled:
-            h = h.unflatten(0, (b, t))
-            mean = h[:, t - pooled:].mean(dim=(-2, -1), keepdim=True).expand(-1, -1, -1, *h.shape[-2:])
-            h = torch.cat([h[:, :t - pooled], mean], dim=1).flatten(0, 1)
-        return self.fc(h.flatten(1)).view(b, t, -1)
+        return self.fc(self.conv(x.flatten(0, 1)).flatten(1)).view(b, t, -1)
 
 
 class ContentPosterior(nn.Module):
@@ -926,24 +917,8 @@ class DynamicsPrior(nn.Module):
         return torch.cat(zs, dim=1)
 
 
-class FiLM(nn.Module):
-    """Feature-wise modulation by f (beyond the paper): h * (1 + gamma(f)) + beta(f) per channel. Zero-initialised,
-    so it starts as the identity and a warm start from the paper's decoder begins exactly where that one ended."""
-
-    def __init__(self, f_dim, channels):
-        super().__init__()
-        self.affine = nn.Linear(f_dim, 2 * channels)
-        nn.init.zeros_(self.affine.weight)
-        nn.init.zeros_(self.affine.bias)
-
-    def forward(self, h, f):  # h: (B*T, C, H, W), f: (B*T, f_dim)
-        gamma, beta = self.affine(f)[:, :, None, None].chunk(2, dim=1)
-        return h * (1 + gamma) + beta
-
-
 class Decoder(nn.Module):
-    """p(x_t | z_t, f): [f, z_t] -> affine -> dec_hidden -> Cx8x8, 3 transposed convs to Cx64x64, then 3x64x64 tanh.
-    With f_film, each transposed convolution's normalised output is modulated by f (FiLM) before its activation."""
+    """p(x_t | z_t, f): [f, z_t] -> affine -> dec_hidden -> Cx8x8, 3 transposed convs to Cx64x64, then 3x64x64 tanh."""
 
     def __init__(self, c):
         super().__init__()
@@ -953,21 +928,12 @@ class Decoder(nn.Module):
         self.deconv = nn.Sequential(*_deconv(c.channels, c.channels), *_deconv(c.channels, c.channels),
                                     *_deconv(c.channels, c.channels),
                                     nn.ConvTranspose2d(c.channels, 3, 5, 1, 2), nn.Tanh())
-        self.film = nn.ModuleList([FiLM(c.f_dim, c.channels) for _ in range(3)]) if c.f_film else None
 
     def forward(self, f, z):  # (B, f_dim), (B, T, z_dim) -> (B, T, 3, 64, 64)
         b, t = z.shape[:2]
         f_t = f.unsqueeze(1).expand(-1, t, -1)
         h = self.fc(torch.cat([f_t, z], dim=-1).flatten(0, 1))
-        h = h.view(b * t, self.channels, FEATURE, FEATURE)
-        if self.film is None:
-            return self.deconv(h).view(b, t, *FRAME)
-        f_t = f_t.flatten(0, 1)
-        for i, layer in enumerate(self.deconv):
-            h = layer(h)
-            if isinstance(layer, nn.BatchNorm2d):  # the i-th block: deconv, BatchNorm, FiLM, LeakyReLU
-                h = self.film[i // 3](h, f_t)
-        return h.view(b, t, *FRAME)
+        return self.deconv(h.view(b * t, self.channels, FEATURE, FEATURE)).view(b, t, *FRAME)
 
 
 # ----------------------------------------------------------------------------- model: DSAE
@@ -996,35 +962,24 @@ class DSAE(nn.Module):
     def device(self):
         return next(self.parameters()).device
 
-    def features(self, x, partner=None):
-        """(h_1:T, what q(f|x) reads): the frame features, and what q(f|x) reads of them. That is h itself (the paper),
-        or the features of `partner` when given (Config.f_partner in training: another sequence of each character),
-        or only the first frame's (B, 1, frame_dim) with f_first; with f_shuffle, the features of those frames with
-        their patches shuffled and flipped at random (`shuffle_patches`; in evaluation a seeded draw, the same for the
-        same batch layout, so encoding is deterministic); with f_mirror, the mean of those features and of their
-        mirror image's; with f_pool, each of those frames read through its feature map averaged over positions.
-        With z_grey, h_1:T are the features of the frames in grey, and q(f|x) still reads them in colour.
-        Everything goes through the encoder as one batch, so that BatchNorm normalises it with the same
-        statistics in training as its running statistics do in evaluation.
-        """
-        c, t = self.config, x.shape[1]
-        n = 1 if c.f_first else t  # the frames q(f|x) reads
-        view = (x if partner is None else partner)[:, :n]
-        if c.f_shuffle:
-            generator = None if self.training else torch.Generator(x.device).manual_seed(0)  # fixed in evaluation
-            view = shuffle_patches(view, c.f_shuffle, generator)
-        own = partner is None and not (c.f_shuffle or c.f_pool or c.z_grey)  # q(f|x) reads the features z reads
-        extra = ([] if own else [view]) + ([view.flip(-1)] if c.f_mirror else [])  # what the encoder reads besides x
-        pooled = n * len(extra) if c.f_pool else 0
-        x_z = grey(x) if c.z_grey else x
-        h = self.encoder(torch.cat([x_z, *extra], dim=1) if extra else x_z, pooled)
-        reads = ([h[:, :n]] if own else []) + (list(h[:, t:].split(n, dim=1)) if extra else [])
+    def features(self, x, f_views=None):
+        """(h_1:T, what q(f|.) reads): the frame features of x, and those q(f|.) reads. In the paper q(f|x) reads
+        h_1:T itself. The one extension point beyond it is `f_views`, the sequences q(f|.) reads (None: the
+        model's own, `content_views`; see "beyond the paper"): their features, averaged view by view, a view that is
+        x itself reusing x's. Everything goes through the encoder as one batch, so that BatchNorm normalises it with
+        the same statistics in training as its running statistics do in evaluation."""
+        t = x.shape[1]
+        views = content_views(self.config, x) if f_views is None else f_views
+        others = [v for v in views if v is not x]
+        h = self.encoder(torch.cat([x, *others], dim=1) if others else x)
+        parts = iter(h[:, t:].split(t, dim=1))
+        reads = [h[:, :t] if v is x else next(parts) for v in views]
         return h[:, :t], reads[0] if len(reads) == 1 else sum(reads) / len(reads)
 
-    def encode(self, x, sample=True, generator=None, partner=None) -> Posterior:
+    def encode(self, x, sample=True, generator=None, f_views=None) -> Posterior:
         """q(f|x) q(z|x[, f]); with sample=False, f and z are the posterior means; samples draw from `generator`
-        when given; q(f|x) reads `partner` instead of x when given (Config.f_partner, in training)."""
-        h, h_f = self.features(x, partner)
+        when given; q(f|.) reads `f_views` when given (`features`)."""
+        h, h_f = self.features(x, f_views)
         f_mean, f_logvar = self.q_f(h_f)
         f = reparameterize(f_mean, f_logvar, sample, generator)
         z_mean, z_logvar = self.q_z(h, f)
@@ -1034,8 +989,8 @@ class DSAE(nn.Module):
         """Mean of p(x_1:T | z_1:T, f), pixels in [-1, 1]."""
         return self.decoder(f, z)
 
-    def forward(self, x, partner=None):
-        post = self.encode(x, partner=partner)
+    def forward(self, x, f_views=None):
+        post = self.encode(x, f_views=f_views)
         return post, self.decode(post.f, post.z)
 
     def sample_f(self, n, generator=None):
@@ -1045,12 +1000,6 @@ class DSAE(nn.Module):
     def sample_z(self, n, t=T, generator=None, temperature=1.0):
         """z_1:T ~ p(z_1:T), ancestrally from the learned prior (at `temperature`: DynamicsPrior.sample)."""
         return self.prior_z.sample(n, t, self.device, generator, temperature)
-
-    @torch.no_grad()
-    def sample_prior(self, n, t=T):
-        """f ~ N(0, I), z_1:T from the learned prior; returns (x, f, z)."""
-        f, z = self.sample_f(n), self.sample_z(n, t)
-        return self.decode(f, z), f, z
 
     @torch.no_grad()
     def reconstruct(self, x):
@@ -1120,17 +1069,17 @@ def kl_normal(mean_q, logvar_q, mean_p=None, logvar_p=None):
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mean_q - mean_p).pow(2)) / logvar_p.exp() - 1.0)
 
 
-def elbo_terms(model: DSAE, x, partner=None):
+def elbo_terms(model: DSAE, x, f_views=None):
     """Negative ELBO of Eq. (5), averaged over the batch: -log p(x|z,f) + KL(q(f)||p(f)) + sum_t KL(q(z_t)||p(z_t|z<t)).
 
     The Gaussian likelihood of variance `likelihood_var` gives SSE / (2 var) (constants dropped; var 1/2: the SSE);
     the prior p(z_t|z<t) is evaluated on the posterior samples z_<t (teacher forcing), so both sides of each KL
-    describe the same sequence; q(f|x) reads `partner` when given (Config.f_partner). Every term is computed in fp32.
+    describe the same sequence; q(f|.) reads `f_views` when given (`DSAE.features`). Every term is computed in fp32.
     `loss` is the negative ELBO; `objective`, which training minimises, weights the KLs by beta_f and beta_z (equal
     to `loss` with the paper's weights of 1).
     """
     c = model.config
-    post, x_hat = model(x, partner)
+    post, x_hat = model(x, f_views)
     prior_mean, prior_logvar = model.prior_z(post.z)
     b = len(x)
     recon = (x_hat.float() - x.float()).pow(2).sum() / (2 * c.likelihood_var * b)
@@ -1204,6 +1153,11 @@ def compile_pays(config: Config, device, steps=None):
 def _bf16_on(device, bf16=True):
     """Whether `device` computes in bf16: asked for (`bf16`) and supported natively there."""
     return bf16 and bf16_supported(torch.device(device).type)
+
+
+def arithmetic(device, bf16=True):
+    """"bf16" or "fp32": what `device` computes in (`_bf16_on`), as every history row and evaluation records it."""
+    return "bf16" if _bf16_on(device, bf16) else "fp32"
 
 
 def _autocast(device, bf16=True):
@@ -1351,28 +1305,19 @@ def load_checkpoint(path, device="cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train first (notebook 03 or `python dsvae_lib.py train`)")
     ckpt = _read_checkpoint(path, device)
-    model = DSAE(Config(**ckpt["config"])).to(device)
+    model = DSAE(config_from_dict(ckpt["config"], path)).to(device)
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
 
 
-def annealed_kl_weight(config: Config, epochs_done):
-    """The factor on both KL terms after `epochs_done` (fractional) epochs of training: with KL annealing
-    (config.kl_warmup > 0, beyond the paper) it rises linearly from 0 to 1 over the first kl_warmup epochs; else 1."""
-    return min(1.0, epochs_done / config.kl_warmup) if config.kl_warmup > 0 else 1.0
-
-
-def train_step(model, optimizer, x, config: Config, kl_weight=1.0, partner=None):
-    """One Adam step on the negative ELBO of a batch, its KL terms scaled by `kl_weight` (KL annealing; 1: the
-    objective of Eq. 5 with weights beta_f, beta_z), q(f|x) reading `partner` when given (Config.f_partner);
-    returns its terms (a non-finite loss is not applied)."""
+def train_step(model, optimizer, x, config: Config, f_views=None):
+    """One Adam step on the objective of a batch (the negative ELBO of Eq. 5, KL terms weighted by beta_f, beta_z),
+    q(f|.) reading `f_views` when given (`DSAE.features`); returns its terms (a non-finite loss is not applied)."""
     with _autocast(x.device, config.bf16):
-        terms = elbo_terms(model, x, partner)
-    objective = terms["objective"] if kl_weight == 1.0 else \
-        terms["recon"] + kl_weight * (terms["objective"] - terms["recon"])
-    if torch.isfinite(terms["loss"]) and torch.isfinite(objective):
+        terms = elbo_terms(model, x, f_views)
+    if torch.isfinite(terms["loss"]) and torch.isfinite(terms["objective"]):
         optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        terms["objective"].backward()
         optimizer.step()
     return terms
 
@@ -1411,7 +1356,7 @@ def _warm_start(config: Config):
         raise FileNotFoundError(f"init={config.init!r}: no such checkpoint or weights file; pass the path of a "
                                 f"training checkpoint (runs/<run>/checkpoint.pt) or a weights file (weights/*.pt)")
     ckpt = _read_checkpoint(path, "cpu")
-    source = Config(**ckpt["config"])
+    source = config_from_dict(ckpt["config"], path)
     diff = [f"{k}={getattr(source, k)!r} there, {getattr(config, k)!r} here" for k in ARCHITECTURE
             if getattr(source, k) != getattr(config, k)]
     if diff:
@@ -1423,103 +1368,121 @@ def _warm_start(config: Config):
 
 
 def _load_warm_start(model, state, config: Config):
-    """Load a warm start's model state. With f_film, a state without FiLM layers is welcome: they start as the
-    identity, so the model begins as the file's model. Any other missing or unexpected key is an error."""
+    """Load a warm start's model state; a missing or unexpected key is an error naming the file."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.f_film and k.startswith("decoder.film."))]
     if missing or unexpected:
         raise ValueError(f"init={config.init!r} does not fit this model: missing {missing}, unexpected {unexpected}; "
                          f"warm-start from a file of the same architecture")
 
 
 def _train(config: Config, progress, change_lr, train_data, test_data, init=None):
-    import pandas as pd
     device = pick_device(config.device)
-    run = config.path
+    run, ckpt_path = config.path, config.path / "checkpoint.pt"
     run.mkdir(parents=True, exist_ok=True)
-    ckpt_path = run / "checkpoint.pt"
     # the judge first: training it (when not cached yet) must not move the RNG this run starts from
     judge = train_judge(judge_config(config.profile), progress=progress)[0].to(device) if config.judge_every else None
     seed_everything(config.seed)
     model = build_model(config, device)
     optimizer = adam(model, config)
     scheduler = _scheduler(optimizer, config)
-    history, start, lr_changes = [], 0, []
+    history, start, lr_changes, init_record = [], 0, [], init and init["record"]
     if ckpt_path.is_file():
-        ckpt = _read_checkpoint(ckpt_path, device)
-        _check_resume(Config(**ckpt["config"]), config, ckpt_path, change_lr)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # the saved groups carry the saved run's kernel; this run's config wins
-            group["fused"], group["foreach"] = config.fused_adam or None, None
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-        history, start, lr_changes = ckpt["history"], ckpt["epoch"], ckpt.get("lr_changes", [])
-        if config.lr != ckpt["config"]["lr"]:  # change_lr: the schedule goes on from the new lr
-            _rescale_lr(optimizer, scheduler, ckpt["config"]["lr"], config.lr)
-            lr_changes = [*lr_changes, {"epoch": start, "from": ckpt["config"]["lr"], "to": config.lr}]
-        _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))  # a kill may have come between
-        _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))  # checkpoint and these
+        history, start, lr_changes, init_record = _resume(ckpt_path, config, model, optimizer, scheduler, change_lr)
+        _write_history(run, history)  # a kill may have come between the checkpoint and these
     elif init is not None:
         _load_warm_start(model, init["model"], config)
-    init_record = ckpt.get("init") if start else init and init["record"]
     _atomic_write_text(run / "config.json", json.dumps(config.__dict__, indent=1, default=list))
     if start >= config.epochs:
         return model.eval(), history
-
     train_data = load_sprites("train") if train_data is None else train_data
     test_data = load_sprites("test") if test_data is None else test_data
-    train_batches = Batches(train_data, config.batch_size, device, seed=config.seed, limit=config.train_limit)
+    batches = Batches(train_data, config.batch_size, device, seed=config.seed, limit=config.train_limit)
     test_batches = Batches(test_data, 100, device, shuffle=False, limit=config.eval_limit)
-    steps = (config.epochs - start) * len(train_batches)
-    step = torch.compile(model) if compile_pays(config, device, steps) else model
+    step = torch.compile(model) if compile_pays(config, device, (config.epochs - start) * len(batches)) else model
     for epoch in range(start, config.epochs):
-        model.train()
-        train_batches.epoch = epoch
-        sums, n, t0 = {}, 0, time.time()
-        draw = train_batches.generator()  # f_partner's partners: fixed by (seed, epoch)
-        bar = tqdm(train_batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
-        for i, (idx, x) in enumerate(bar):
-            weight = annealed_kl_weight(config, epoch + (i + 1) / len(train_batches))
-            partner = train_batches.partners(idx, draw) if config.f_partner else None
-            terms = train_step(step, optimizer, x, config, weight, partner)
-            if not torch.isfinite(terms["loss"]):
-                raise FloatingPointError(_diverged(terms["loss"].item(), epoch, start, ckpt_path, config))
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + v.item() * len(x)
-            n += len(x)
-            bar.set_postfix(loss=f"{terms['loss'].item():.0f}")
+        means, wall = _train_epoch(step, optimizer, batches, config, epoch, progress, saved=start)
         scheduler.step()
-        seconds = time.time() - t0
-        row = {"epoch": epoch + 1, **{k: v / n for k, v in sums.items()},
-               **{f"test_{k}": v for k, v in evaluate_elbo(model, test_batches).items()},
-               "seconds": seconds, "seq_per_s": n / seconds, "lr": optimizer.param_groups[0]["lr"],
-               "processor": processor_name(device.type),  # what the wall time was measured on, and in what
-               "arithmetic": "bf16" if _bf16_on(device, config.bf16) else "fp32"}
-        if config.kl_warmup > 0:
-            row["kl weight"] = weight  # at the epoch's last step
+        row = {"epoch": epoch + 1, **means, **{f"test_{k}": v for k, v in evaluate_elbo(model, test_batches).items()},
+               **wall, "lr": optimizer.param_groups[0]["lr"], "processor": processor_name(device.type),
+               "arithmetic": arithmetic(device, config.bf16)}  # what the wall time was measured on, and in what
         if judge is not None and ((epoch + 1) % config.judge_every == 0 or epoch + 1 == config.epochs):
-            t0 = time.time()
-            rows, _ = evaluate(model, judge, test_data, seeds=(0,), limit=config.judge_limit, progress=False)
-            row.update({k: v for k, v in rows[0].items() if k != "seed"}, judge_seconds=time.time() - t0)
-            row["judge sha256"] = judge.sha256  # judges retrained on another machine read differently
+            row.update(_judged(model, judge, test_data, config.judge_limit))
         history.append(row)
         _atomic_save({"config": config.__dict__, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "history": history,
                       "lr_changes": lr_changes, "init": init_record,
                       "rng": {"torch": torch.get_rng_state(),
                               "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}}, ckpt_path)
-        _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))
-        _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))
+        _write_history(run, history)
         start = epoch + 1
         if progress:
-            tqdm.write(f"epoch {epoch + 1}: loss {row['loss']:.1f} (recon {row['recon']:.1f}, KL_f {row['kl_f']:.2f}, "
-                       f"KL_z {row['kl_z']:.2f}), test loss {row['test_loss']:.1f}, {row['seq_per_s']:.1f} seq/s"
-                       + (f"; z kept: motion {row['z kept: motion']:.3f}, f kept: attributes "
-                          f"{row['f kept: attributes']:.3f}" if "z kept: motion" in row else ""))
+            tqdm.write(_epoch_line(row))
     return model.eval(), history
+
+
+def _resume(ckpt_path, config: Config, model, optimizer, scheduler, change_lr):
+    """Restore model, optimiser, schedule and RNG from a run's checkpoint (refused unless `config` may resume it:
+    `_check_resume`); returns (history, epochs done, lr changes, warm start record)."""
+    ckpt = _read_checkpoint(ckpt_path, model.device)
+    _check_resume(config_from_dict(ckpt["config"], ckpt_path), config, ckpt_path, change_lr)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for group in optimizer.param_groups:  # the saved groups carry the saved run's kernel; this run's config wins
+        group["fused"], group["foreach"] = config.fused_adam or None, None
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if model.device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    start, lr_changes = ckpt["epoch"], ckpt.get("lr_changes", [])
+    if config.lr != ckpt["config"]["lr"]:  # change_lr: the schedule goes on from the new lr
+        _rescale_lr(optimizer, scheduler, ckpt["config"]["lr"], config.lr)
+        lr_changes = [*lr_changes, {"epoch": start, "from": ckpt["config"]["lr"], "to": config.lr}]
+    return ckpt["history"], start, lr_changes, ckpt.get("init")
+
+
+def _train_epoch(step, optimizer, batches, config: Config, epoch, progress, saved):
+    """One epoch of Adam steps over `batches`: ({ELBO term: mean}, {"seconds", "seq_per_s"}: its wall time).
+    A non-finite loss raises FloatingPointError (`saved`: the epochs in the checkpoint, which stays as it is)."""
+    step.train()
+    batches.epoch = epoch
+    sums, n, t0 = {}, 0, time.time()
+    draw = batches.generator()  # f_partner's partners: fixed by (seed, epoch)
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+    for idx, x in bar:
+        terms = train_step(step, optimizer, x, config, training_views(config, batches, idx, draw, x))
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(_diverged(terms["loss"].item(), epoch, saved, config.path / "checkpoint.pt",
+                                               config))
+        for k, v in terms.items():
+            sums[k] = sums.get(k, 0.0) + v.item() * len(x)
+        n += len(x)
+        bar.set_postfix(loss=f"{terms['loss'].item():.0f}")
+    seconds = time.time() - t0
+    return {k: v / n for k, v in sums.items()}, {"seconds": seconds, "seq_per_s": n / seconds}
+
+
+def _judged(model, judge, test_data, limit):
+    """The judge-protocol metrics of one sampling seed on the first `limit` test sequences, as a history row logs
+    them: with the seconds they took and the judge file's SHA-256 (judges retrained elsewhere read differently)."""
+    t0 = time.time()
+    rows, _ = evaluate(model, judge, test_data, seeds=(0,), limit=limit, progress=False)
+    return {**{k: v for k, v in rows[0].items() if k != "seed"}, "judge_seconds": time.time() - t0,
+            "judge sha256": judge.sha256}
+
+
+def _write_history(run, history):
+    """metrics.json and metrics.csv of a run folder, written atomically."""
+    import pandas as pd
+    _atomic_write_text(run / "metrics.json", json.dumps(history, indent=1))
+    _atomic_write_text(run / "metrics.csv", pd.DataFrame(history).to_csv(index=False))
+
+
+def _epoch_line(row):
+    """The line printed after an epoch: its ELBO terms, speed and, when judged, the two headline accuracies."""
+    return (f"epoch {row['epoch']}: loss {row['loss']:.1f} (recon {row['recon']:.1f}, KL_f {row['kl_f']:.2f}, "
+            f"KL_z {row['kl_z']:.2f}), test loss {row['test_loss']:.1f}, {row['seq_per_s']:.1f} seq/s"
+            + (f"; z kept: motion {row['z kept: motion']:.3f}, f kept: attributes {row['f kept: attributes']:.3f}"
+               if "z kept: motion" in row else ""))
 
 
 # ----------------------------------------------------------------------------- weights of record
@@ -1540,7 +1503,7 @@ def export_weights(checkpoint, out, expected: Config | None = None):
     if expected is not None:
         fix = f"train the profile's own run (python dsvae_lib.py train --profile {expected.profile} --set " \
               f"q_z={expected.q_z}) and export that"
-        if _comparable(Config(**ckpt["config"])) != _comparable(expected):
+        if _comparable(config_from_dict(ckpt["config"], checkpoint)) != _comparable(expected):
             raise ValueError(f"{checkpoint} was trained with another configuration than profile "
                              f"{expected.profile!r} defines; {fix}")
         if ckpt["epoch"] < expected.epochs:
@@ -1560,7 +1523,7 @@ def trained_model(config: Config, weights=True, folder=None, progress=True):
     path = weights_path(config.profile, config.q_z, folder)
     if weights and path.is_file():
         model, ckpt = load_checkpoint(path, pick_device(config.device))
-        if _comparable(Config(**ckpt["config"])) != _comparable(config):
+        if _comparable(config_from_dict(ckpt["config"], path)) != _comparable(config):
             raise ValueError(f"{path} holds another configuration than the one asked for; pass weights=False to "
                              f"train this one under {config.path}")
         return model, ckpt["history"], path
@@ -1662,25 +1625,6 @@ def gaussian_blur(x, sigma):
     weight = torch.outer(k, k).expand(3, 1, 2 * r + 1, 2 * r + 1).to(x.device, x.dtype)
     frames = F.pad(x.flatten(0, 1), (r, r, r, r), mode="replicate")
     return F.conv2d(frames, weight, groups=3).view_as(x)
-
-
-@torch.no_grad()
-def judge_under_blur(judge, data: Sprites, sigmas=(0.5, 0.7, 1.0), limit=None):
-    """How the judge reads *real* sequences blurred by a Gaussian of each sigma (pixels): a DataFrame of the
-    PSNR of the blurred frames and the accuracy of every head. Blur costs a reconstruction accuracy even when its
-    colours are right, so this is how sharp a decoder must be before the judge can read its attributes."""
-    import pandas as pd
-    n = len(data) if limit is None else min(limit, len(data))
-    x = to_model_input(data.frames[:n])
-    labels = labels_of(data)
-    rows = {}
-    for sigma in sigmas:
-        blurred = torch.cat([gaussian_blur(x[i:i + 100], sigma) for i in range(0, n, 100)])
-        mse = float(((blurred - x) / 2).pow(2).mean())
-        probs = judge_probs(judge, blurred)
-        rows[sigma] = {"PSNR dB": 10 * math.log10(1 / mse),
-                       **{f"{h} %": 100 * _accuracy(probs[h], labels[h][:n]) for h in HEADS}}
-    return pd.DataFrame(rows).T.rename_axis("blur sigma (pixels)")
 
 
 def train_judge(config: JudgeConfig, train_data: Sprites | None = None, test_data: Sprites | None = None,
@@ -1851,151 +1795,6 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
 
 
 @torch.no_grad()
-def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
-    """The four attributes as each judge of `judges` ({name: judge}) reads them on the plain reconstructions and on
-    the generations with f kept and z_1:T ~ p(z) (sampling seed `seed`, drawn as `evaluate` draws it): a DataFrame
-    (judge x reading, %). With a judge trained on blurred real sequences it separates "f lost the colour" from
-    "the decoder blurs it"."""
-    import pandas as pd
-    model.eval()
-    f, z = encode_all(model, data, limit)
-    n = len(f)
-    labels = labels_of(data)
-    g = torch.Generator(model.device).manual_seed(seed)
-    videos = {"f kept": _decode_all(model, f, model.sample_z(n, generator=g)), "recon": _decode_all(model, f, z)}
-    rows = {}
-    for name, judge in judges.items():
-        probs = {kind: judge_probs(judge, v) for kind, v in videos.items()}
-        rows[name] = {f"{kind}: {a} %": 100 * _accuracy(probs[kind][a], labels[a][:n])
-                      for kind in videos for a in ATTRIBUTES}
-    return pd.DataFrame(rows).T
-
-
-@torch.no_grad()
-def prior_temperature_readings(model, judge, data: Sprites, temperatures=(1.0, 0.75, 0.5, 0.25, 0.0), limit=None,
-                               seed=0):
-    """Where does content get lost when z is resampled: the four attributes with f kept and z_1:T drawn from the
-    prior at each temperature (1: the paper's test, as `evaluate` draws it with sampling seed `seed`; 0: the
-    prior's mean path), beside z of another test sequence (the swap's aggregate posterior) and the reconstructions.
-    If the misses shrink as the temperature falls, they come from prior samples away from where the posterior puts
-    z, not from content held in z. Returns a DataFrame (z's source x attribute, % read right)."""
-    import pandas as pd
-    model.eval()
-    f, z = encode_all(model, data, limit)
-    n = len(f)
-    labels = {h: v[:n] for h, v in labels_of(data).items()}
-    sources = {}
-    for tau in temperatures:
-        g = torch.Generator(model.device).manual_seed(seed)
-        sources[f"z ~ p(z), temperature {tau:g}"] = model.sample_z(n, generator=g, temperature=tau)
-    perm = swap_partners(n, seed)
-    sources["z of another sequence"] = z[torch.from_numpy(perm).to(z.device)]
-    sources["z of the sequence (reconstruction)"] = z
-    rows = {}
-    for name, z_source in tqdm(sources.items(), desc="z sources", leave=False):
-        probs = judge_probs(judge, _decode_all(model, f, z_source))
-        rows[name] = {a: 100 * _accuracy(probs[a], labels[a]) for a in ATTRIBUTES}
-    return pd.DataFrame(rows).T
-
-
-@torch.no_grad()
-def motion_source(model, judge, data: Sprites, limit=None, seed=0):
-    """Which code the decoder takes the motion from: the swap of `evaluate` (f of sequence a decoded with z_1:T of
-    its partner b, the pairs of sampling seed `seed`), read by the judge. For the motion and each of its factors,
-    over the pairs where a and b differ in it: % of the generations read with z's value (b's), with f's (a's), or
-    with neither. A decoder that takes the motion from z alone reads z's in 100 %. Returns a DataFrame (factor x
-    pairs, % from z, % from f, % neither)."""
-    import pandas as pd
-    model.eval()
-    f, z = encode_all(model, data, limit)
-    n = len(f)
-    perm = swap_partners(n, seed)
-    read = judge_probs(judge, _decode_all(model, f, z[torch.from_numpy(perm).to(z.device)]))["motion"].argmax(1)
-    def factors(m):  # the motion and its two factors
-        action, direction = decode_motion(m)
-        return {"motion": np.asarray(m), "action": action, "direction": direction}
-
-    motion = np.asarray(data.motion[:n])
-    of_a, of_b, of_read = factors(motion), factors(motion[perm]), factors(read)
-    rows = {}
-    for name in of_a:
-        of_f, of_z, got = of_a[name], of_b[name], of_read[name]
-        differ = of_f != of_z
-        from_z, from_f = got[differ] == of_z[differ], got[differ] == of_f[differ]
-        rows[name] = {"pairs": int(differ.sum()), "% from z": 100 * from_z.mean(), "% from f": 100 * from_f.mean(),
-                      "% neither": 100 * (~from_z & ~from_f).mean()}
-    return pd.DataFrame(rows).T
-
-
-@torch.no_grad()
-def kl_per_step(model, data: Sprites, limit=None, seed=0, batch_size=100):
-    """Where the ELBO pays for z: the mean of KL(q(z_t|.) || p(z_t|z_<t)) at each step t (Eq. 5's sum over t, split),
-    in nats per sequence, over (the first `limit` sequences of) a split and by action, with KL(q(f|x) || p(f)) beside
-    it. As in training, the prior reads posterior samples z_<t (drawn with sampling seed `seed`); the KLs are
-    computed in fp32. A step that costs nats after the first is information the prior could not predict from z_<t.
-    Returns a DataFrame (KL_z at t = 1..T, then KL_f) x (all sequences, each action)."""
-    import pandas as pd
-    post = encode_posteriors(model, data, limit, batch_size, generator=torch.Generator(model.device).manual_seed(seed))
-    with _autocast(model.device, model.config.bf16):
-        prior_mean, prior_logvar = model.prior_z(post.z)
-    kl_z = kl_normal(post.z_mean, post.z_logvar, prior_mean.float(), prior_logvar.float()).sum(-1)
-    kl = torch.cat([kl_z, kl_normal(post.f_mean, post.f_logvar).sum(-1, keepdim=True)], dim=1).cpu().numpy()
-    n = len(kl)
-    action = np.asarray(data.action[:n])
-    groups = {"all": np.ones(n, bool), **{a: action == k for k, a in enumerate(ACTIONS)}}
-    index = [f"KL_z, t = {t}" for t in range(1, kl.shape[1])] + ["KL_f"]
-    return pd.DataFrame({name: kl[rows].mean(0) for name, rows in groups.items()}, index=index)
-
-
-def colour_readout(videos, data: Sprites, attributes=("skin", "pants"), sheets=None):
-    """A judge-free reading of colour in videos that keep each sequence's own pose (reconstructions; a generation
-    with z resampled moves the parts, so it does not apply there). For each sequence and attribute: the pixels
-    where that layer shows (those that change when only its variant changes, composed from the sheets in the
-    sequence's motion), the mean colour the video has there, and the variant whose true mean colour on those same
-    pixels is nearest. `videos`: uint8 (n, T, 64, 64, 3) of the first n sequences of `data`.
-    Returns ({attribute: % read right}, DataFrame (attribute, variant) -> true and drawn mean R, G, B and % read)."""
-    import pandas as pd
-    index = {a: attribute_index(a) for a in attributes}
-    strips = _strips(str(find_sheets(sheets)))
-    n, attrs = len(videos), data.attributes[:len(videos)]
-    read = {a: np.zeros(n, int) for a in attributes}
-    true_colour, drawn_colour = {a: np.zeros((n, 3)) for a in attributes}, {a: np.zeros((n, 3)) for a in attributes}
-    for c in np.unique(data.character[:n]):
-        rows = np.flatnonzero(data.character[:n] == c)
-        for a, i in index.items():
-            variants = []
-            for v in range(N_VARIANTS):
-                other = decode_character(c).copy()
-                other[i] = v
-                variants.append(compose_character(strips, int(encode_character(*other))))
-            variants = np.stack(variants)  # uint8 (variant, motion, T, 64, 64, 3); means come out in float64
-            for r in rows:
-                m = int(data.motion[r])
-                mask = (variants[:, m] != variants[:1, m]).any(-1).any(0)  # (T, 64, 64): where the layer shows
-                means = variants[:, m][:, mask].mean(1)  # true mean colour of every variant there
-                drawn = videos[r][mask].astype(np.float64).mean(0)
-                read[a][r] = int(np.argmin(((means - drawn) ** 2).sum(1)))
-                true_colour[a][r], drawn_colour[a][r] = means[attrs[r, i]], drawn
-    accuracy = {a: 100 * float((read[a] == attrs[:, i]).mean()) for a, i in index.items()}
-    table = {}
-    for a, i in index.items():
-        for v in range(N_VARIANTS):
-            hit = attrs[:, i] == v
-            if hit.any():
-                t, d = true_colour[a][hit].mean(0), drawn_colour[a][hit].mean(0)
-                table[(a, v)] = {"true R": t[0], "true G": t[1], "true B": t[2], "drawn R": d[0], "drawn G": d[1],
-                                 "drawn B": d[2], "read %": 100 * float((read[a][hit] == v).mean()), "sequences": hit.sum()}
-    return accuracy, pd.DataFrame(table).T.rename_axis(["attribute", "variant"])
-
-
-@torch.no_grad()
-def reconstruction_colours(model, data: Sprites, limit=None, sheets=None):
-    """colour_readout of the plain reconstructions (posterior means of f and z) of the first `limit` sequences."""
-    f, z = encode_all(model, data, limit)
-    return colour_readout(to_uint8(_decode_all(model, f, z)), data, sheets=sheets)
-
-
-@torch.no_grad()
 def _encoder_stages(model, data: Sprites, n, generator=None, batch_size=100):
     """The encoder's frame features h_1:T averaged over t of the first n sequences, and with a generator one sample
     of q(f|x) each (else None)."""
@@ -2011,7 +1810,7 @@ def _encoder_stages(model, data: Sprites, n, generator=None, batch_size=100):
     return torch.cat(hs).numpy(), torch.cat(fs).numpy() if fs else None
 
 
-def latent_probe(model, train: Sprites, test: Sprites, train_limit=Profile.probe_limit, limit=None, test_codes=None,
+def latent_probe(model, train_data: Sprites, test: Sprites, train_limit=Profile.probe_limit, limit=None, test_codes=None,
                  stages=False, seed=0):
     """What each latent holds, whether or not the decoder renders it: for every head, the test accuracy (%) of a
     linear read-out (multinomial logistic regression) from the posterior means of f and of z_1:T (flattened over t),
@@ -2026,15 +1825,15 @@ def latent_probe(model, train: Sprites, test: Sprites, train_limit=Profile.probe
     import pandas as pd
     from sklearn.linear_model import LogisticRegression
     codes = {}
-    for name, data, n, known in (("train", train, train_limit, None), ("test", test, limit, test_codes)):
+    for name, data, n, known in (("train", train_data, train_limit, None), ("test", test, limit, test_codes)):
         f, z = encode_all(model, data, n) if known is None else known
         codes[name] = {"f": f.cpu().numpy(), "z_1:T": z.flatten(1).cpu().numpy()}
     n_train, n_test = len(codes["train"]["f"]), len(codes["test"]["f"])
     if stages:
         g = torch.Generator(model.device).manual_seed(seed)
-        codes["train"]["h"] = _encoder_stages(model, train, n_train)[0]
+        codes["train"]["h"] = _encoder_stages(model, train_data, n_train)[0]
         codes["test"]["h"], codes["test"]["f sample"] = _encoder_stages(model, test, n_test, g)
-    y_train = {h: v[:n_train] for h, v in labels_of(train).items()}
+    y_train = {h: v[:n_train] for h, v in labels_of(train_data).items()}
     y_test = {h: v[:n_test] for h, v in labels_of(test).items()}
     rows = {}
     for code in ("f", "z_1:T") + (("h",) if stages else ()):
@@ -2046,30 +1845,6 @@ def latent_probe(model, train: Sprites, test: Sprites, train_limit=Profile.probe
                 rows.setdefault(row, {})[head] = 100 * probe.score((codes["test"][row] - mean) / std, y_test[head])
     order = [c for c in ("h", "f", "f sample", "z_1:T") if c in rows]
     return pd.DataFrame(rows).T.loc[order].rename_axis("code")
-
-
-def code_separation(model, data: Sprites, attribute="pants", limit=2700, batch_size=100):
-    """How far apart q(f|x) puts the variants of one attribute, pair by pair, over the first `limit` sequences of a
-    split: the discriminability d'^2 = sum_d (m_a,d - m_b,d)^2 / s_d^2 of the two variants' mean codes m_a, m_b
-    along each dimension d of f (a read-out that weighs every dimension by its own spread), with s_d^2 either the
-    spread of the posterior means within a variant ("means"), or that plus the mean posterior variance of q(f|x)
-    ("samples": the codes the decoder is trained on). d'^2 >= 9 (d' >= 3) keeps a pair apart; near 1 it overlaps.
-    A DataFrame indexed by (variant a, variant b), a < b."""
-    import pandas as pd
-    column = attribute_index(attribute)
-    post = encode_posteriors(model, data, limit, batch_size)
-    mean, variance = post.f_mean.double().cpu().numpy(), post.f_logvar.double().exp().cpu().numpy()
-    y = data.attributes[:len(mean), column]
-    present = [v for v in range(N_VARIANTS) if (y == v).any()]
-    centre = {v: mean[y == v].mean(0) for v in present}
-    within = np.mean([mean[y == v].var(0) for v in present], axis=0)  # spread of the means inside a variant
-    noise = variance.mean(0)
-    rows = {}
-    for a, b in itertools.combinations(present, 2):
-        gap = (centre[a] - centre[b]) ** 2
-        rows[(a, b)] = {"means": float((gap / (within + 1e-12)).sum()),
-                        "samples": float((gap / (within + noise)).sum())}
-    return pd.DataFrame(rows).T.rename_axis([f"{attribute} a", f"{attribute} b"])
 
 
 def motion_breakdown(confusion):
@@ -2105,144 +1880,7 @@ def judge_protocol_table(summaries):
     return pd.DataFrame(table).T
 
 
-BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_first", "f_shuffle", "f_pool", "z_grey",
-                    "f_partner", "f_film", "kl_warmup")  # KL weights other than 1, or another likelihood scale than
-# the SSE, change the paper's objective; a mirror-invariant, one-frame, patch-shuffled, pooled or partner-reading
-# q(f|x), a grey q(z|x) or FiLM changes its model; KL annealing changes its training (the objective it ends on is the
-# paper's)
-
-
-def faithful_to_paper(config: dict):
-    """Whether a run's config keeps the paper's model and objective: every field of BEYOND_THE_PAPER at its default."""
-    paper = Config()
-    return all(config.get(k, getattr(paper, k)) == getattr(paper, k) for k in BEYOND_THE_PAPER)
-
-
-def profile_comparison(results):
-    """Profiles side by side ({profile: evaluate_profile result}): one row per profile and q variant with the
-    headline metrics (mean over the sampling seeds, %), the first seed's motion split (`motion_breakdown`), whether
-    the profile keeps the paper's model and objective, its held-out -ELBO and its training time (a warm start's counts
-    the training of the file it started from)."""
-    import pandas as pd
-    rows = {}
-    for name, result in results.items():
-        for q, run in result["runs"].items():
-            mean = {k: v["mean"] for k, v in run["summary"].items()}
-            split = motion_breakdown(run["confusions (first seed)"]["motion"])
-            rows[(name, q)] = {"paper's model and objective": "yes" if faithful_to_paper(run["config"]) else "no",
-                               "z kept: motion %": 100 * mean["z kept: motion"], "direction %": split["direction"],
-                               "left/right swapped %": split["left/right swapped"],
-                               "z kept: IS": mean["z kept: IS"], "swap: motion of b %": 100 * mean["swap: motion of b"],
-                               **{f"f kept: {a} %": 100 * mean[f"f kept: {a}"] for a in ATTRIBUTES},
-                               **{f"recon: {a} %": 100 * mean[f"recon: {a}"] for a in ("skin", "pants")},
-                               "test -ELBO": run["final ELBO terms"]["test_loss"],
-                               "train min": (run["train seconds"] + (run.get("init") or {}).get("seconds", 0)) / 60}
-    return pd.DataFrame(rows).T.rename_axis(["profile", "q(z)"])
-
-
-README_BEGIN, README_END = "<!-- results:begin (written by `python dsvae_lib.py readme`) -->", "<!-- results:end -->"
-
-
-def _epochs_label(run):
-    """A run's epochs as a report names them: "32", or "32 + 6" for 6 epochs warm-started from a 32-epoch file."""
-    return f"{run['init']['epochs']} + {run['epochs']}" if run.get("init") else f"{run['epochs']}"
-
-
-def results_markdown(metrics):
-    """The README's results section from a metrics.json written by `evaluate_profile`: what produced each number
-    (profile, data, epochs, seeds, weights file and its SHA-256), the judge protocol table beside the published
-    row, and every other metric with its ceiling (the judge on reconstructions)."""
-    runs = metrics["runs"]
-    pct = lambda s, k: f"{100 * s[k]['mean']:.2f} ± {100 * s[k]['std']:.2f}"
-    num = lambda s, k, d=3: f"{s[k]['mean']:.{d}f} ± {s[k]['std']:.{d}f}"
-    lines = [f"Profile `{metrics['profile']}`; data `{metrics['data']}`; all {metrics['test sequences']} test sequences; "
-             f"mean ± standard deviation over sampling seeds {', '.join(map(str, metrics['seeds']))}; judge accuracy "
-             f"on the real test split: " + ", ".join(f"{h} {100 * v:.1f} %" for h, v in
-                                                   metrics["judge"]["test accuracy"].items())
-             + (f" (judge file SHA-256 `{judge_sha[:16]}…`)" if (judge_sha := metrics["judge"].get("sha256")) else "")
-             + "".join(f"; evaluated on {p} in {a}" for p, a in dict.fromkeys(
-                 (r["processor"], r["arithmetic"]) for r in runs.values() if r.get("processor")))
-             + ".", ""]
-    for q, run in runs.items():
-        c, init = run["config"], run.get("init")
-        minutes = run["train seconds"] / 60
-        trained = (f"{run['epochs']} epochs, training seed {c['seed']}, {minutes:.0f} min of training" if not init else
-                   f"{_epochs_label(run)} epochs: warm-started from `{init['path']}` (SHA-256 "
-                   f"`{init['sha256'][:16]}…`, {init['epochs']} epochs, {init['seconds'] / 60:.0f} min), then "
-                   f"{run['epochs']} epochs with training seed {c['seed']} in {minutes:.0f} min")
-        lines.append(f"- q(z) {q}: `{run['checkpoint']}` (SHA-256 `{run['checkpoint sha256'][:16]}…`), "
-                     f"{trained}; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, "
-                     f"beta_f {c.get('beta_f', 1.0)}, "
-                     f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
-                     + "".join(f", {k} (beyond the paper)" for k in ("f_mirror", "f_first", "f_pool", "z_grey",
-                                                                     "f_partner", "f_film") if c.get(k))
-                     + (f", f_shuffle {c['f_shuffle']} (beyond the paper)" if c.get("f_shuffle") else "")
-                     + (f", KL annealed over {c['kl_warmup']:g} epochs (beyond the paper)" if c.get("kl_warmup") else ""))
-    lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",
-              "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]
-    for q, run in runs.items():
-        s = run["summary"]
-        lines.append(f"| ours, `{metrics['profile']}`, {q} q, {_epochs_label(run)} epochs | "
-                     f"{pct(s, 'z kept: motion')} | {num(s, 'z kept: IS')} | {num(s, 'z kept: H(y|x)')} | "
-                     f"{num(s, 'z kept: H(y)')} |")
-    for name, row in metrics["published"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row.values()) + " |")
-    split = {q: motion_breakdown(run["confusions (first seed)"]["motion"]) for q, run in runs.items()}
-    lines += ["", "The motion read in those generations, split into its factors (first sampling seed's confusion, % of "
-              "the test sequences; `motion_breakdown`):", "",
-              "| | motion % | action % | direction % | left/right swapped, action right % |", "| --- |" + " --- |" * 4]
-    lines += [f"| ours, {q} q | " + " | ".join(f"{v:.1f}" for v in split[q].values()) + " |" for q in runs]
-    rows = [("f kept, z ~ p(z): {} %", [f"f kept: {a}" for a in ATTRIBUTES]),
-            ("f kept, z of another sequence: {} %", [f"swap: {a} of a" for a in ATTRIBUTES]),
-            ("z kept, f of another sequence: motion %", ["swap: motion of b"]),
-            ("reconstruction (ceiling): {} %", [f"recon: {h}" for h in HEADS])]
-    lines += ["", "Content kept, dynamics resampled (the paper's test), the same with codes of other test sequences "
-              "(the aggregate posterior), and the judge on plain reconstructions:", "",
-              "| metric | " + " | ".join(f"{q} q" for q in runs) + " |", "| --- |" + " --- |" * len(runs)]
-    for label, keys in rows:
-        for key in keys:
-            if all(key in run["summary"] for run in runs.values()):
-                name = label.format(key.split(": ")[1].split(" of")[0])
-                lines.append(f"| {name} | " + " | ".join(pct(run["summary"], key) for run in runs.values()) + " |")
-    lines.append("| reconstruction: per-pixel MSE (pixels in [0, 1]) / PSNR dB | " + " | ".join(
-        f"{run['summary']['recon MSE']['mean']:.5f} / {run['summary']['recon PSNR']['mean']:.2f}"
-        for run in runs.values()) + " |")
-    lines.append("| final train −ELBO (recon + KL_f + KL_z), nats | " + " | ".join(
-        "{loss:.1f} ({recon:.1f} + {kl_f:.1f} + {kl_z:.1f})".format(**run["final ELBO terms"])
-        for run in runs.values()) + " |")
-    if all("latent probe %" in run for run in runs.values()):  # what the codes hold (latent_probe)
-        for code in ("f", "z_1:T"):
-            for h in HEADS:
-                lines.append(f"| linear probe of {code} (train codes → test codes): {h} % | " + " | ".join(
-                    f"{run['latent probe %'][code][h]:.1f}" for run in runs.values()) + " |")
-    return "\n".join(lines)
-
-
-def ablation_metrics(profile, folder=None):
-    """{ablation profile: its metrics.json} for the ablations of `profile` that have been evaluated (their files in
-    <folder>/<ablation>/; folder: the profile's figures folder of record, whatever $DSVAE_FIGURES says)."""
-    folder = Path(folder or ROOT / get_profile(profile).figures)
-    return {a: json.loads(path.read_text()) for a in get_profile(profile).ablations
-            if (path := folder / a / "metrics.json").is_file()}
-
-
-def update_readme(metrics_path, readme=None, ablations=None):
-    """Replace the README's results section (between its markers) with `results_markdown` of a metrics.json,
-    followed by that of each ablation's ({profile name: metrics}), under a heading that says it is beyond the paper."""
-    readme = Path(readme or ROOT / "README.md")
-    text = readme.read_text()
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"{readme} has no results markers; put the lines\n{README_BEGIN}\n{README_END}\n"
-                         f"where the results table belongs")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    body = results_markdown(json.loads(Path(metrics_path).read_text()))
-    for name, metrics in (ablations or {}).items():
-        body += f"\n\n### Beyond the paper: profile `{name}`\n\n{get_profile(name).note}\n\n{results_markdown(metrics)}"
-    _atomic_write_text(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
-    return readme
-
-
+# ----------------------------------------------------------------------------- evaluation: runs of record
 def trained_runs(profile, weights=True, folder=None):
     """{q_z: path} of the model of record of each q variant of `profile`: the committed weights file
     weights/<profile>-<q_z>.pt when `weights` and it exists, else the finished-or-partial run under runs/."""
@@ -2289,25 +1927,25 @@ def _judge_protocol(profile, seeds, device, progress=True):
 
 
 def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit=None, progress=True,
-                 train: Sprites | None = None, probe_limit=Profile.probe_limit):
+                 train_data: Sprites | None = None, probe_limit=Profile.probe_limit):
     """Every metric of one trained model (loaded from `path`, a training checkpoint or a weights file, as
     (model, ckpt)) by the judge protocol on (the first `limit` of) `test`: the per-seed rows of `evaluate`, their
     mean and std, the confusions of the first seed and the kinds of its motion errors (`motion_breakdown`); with
-    `train`, the latent probe too, fitted on its first `probe_limit` sequences (the profile's). It names what was
+    `train_data`, the latent probe too, fitted on its first `probe_limit` sequences (the profile's). It names what was
     evaluated: the file and its SHA-256, epochs, config, warm start, training time and the last ELBO terms."""
     codes = encode_all(model, test, limit)  # once, for the judge protocol and the probe
     rows, confusions = evaluate(model, judge, test, seeds, limit, progress, codes=codes)
     record = {"checkpoint": _shown_path(path), "checkpoint sha256": sha256(path), "epochs": ckpt["epoch"],
               "processor": processor_name(model.device.type),  # where and in what it was evaluated: bf16 kernels
-              "arithmetic": "bf16" if _bf16_on(model.device, model.config.bf16) else "fp32",  # differ a little
+              "arithmetic": arithmetic(model.device, model.config.bf16),  # differ a little
               "config": ckpt["config"], "init": ckpt.get("init"),
               "train seconds": sum(r["seconds"] for r in ckpt["history"]),
               "final ELBO terms": {k: ckpt["history"][-1][k] for k in ("loss", "recon", "kl_f", "kl_z", "test_loss")},
               "rows": rows, "summary": {k: dict(v) for k, v in summarise(rows).T.items()},
               "confusions (first seed)": confusions,
               "motion breakdown (first seed)": motion_breakdown(confusions["motion"])}
-    if train is not None:
-        record["latent probe %"] = latent_probe(model, train, test, probe_limit, limit, test_codes=codes,
+    if train_data is not None:
+        record["latent probe %"] = latent_probe(model, train_data, test, probe_limit, limit, test_codes=codes,
                                                 stages=True).to_dict("index")
     return record
 
@@ -2378,11 +2016,11 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
                              f"folder of profile {profile!r} with q_z={q!r}; move it to the folder of its own run "
                              f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
     judge, test, head = _judge_protocol(profile, seeds, device, progress)
-    train = load_sprites("train")
+    train_data = load_sprites("train")
     result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
     limit = head["test sequences"]  # the protocol's, as recorded
     for q, path in runs.items():
-        result["runs"][q] = evaluate_run(*loaded[q], path, judge, test, seeds, limit, progress, train,
+        result["runs"][q] = evaluate_run(*loaded[q], path, judge, test, seeds, limit, progress, train_data,
                                          get_profile(profile).probe_limit)
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -2390,24 +2028,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
     return result
 
 
-def evaluate_ablations(profile, seeds=(0, 1, 2), progress=True, weights=True):
-    """`evaluate_profile` of each ablation of `profile`, written to <figures_dir(profile)>/<ablation>/metrics.json
-    (not to the ablation's own figures_dir, which a report stages into the profile's), so that a report keeps them
-    beside its own; {ablation: result}. With `weights`, only ablations whose every trained q has its committed
-    weights file (never a run, finished or not); else their runs. An ablation must be read by the profile's judge
-    and latent probe."""
-    results = {}
-    for a in get_profile(profile).ablations:
-        if judge_config(a) != judge_config(profile) or get_profile(a).probe_limit != get_profile(profile).probe_limit:
-            raise ValueError(f"ablation {a!r} of profile {profile!r} has another judge or latent probe; give it the "
-                             f"profile's judge, test_limit and probe_limit so that their metrics compare")
-        runs = trained_runs(a, weights)
-        if runs and (not weights or all(path == weights_path(a, q) for q, path in runs.items())):
-            results[a] = evaluate_profile(a, seeds, figures_dir(profile) / a / "metrics.json", progress, weights)
-    return results
-
-
-# ----------------------------------------------------------------------------- plotting
+# ----------------------------------------------------------------------------- figures
 FIGURE_DPI = 100  # resolution of the saved figures; frames are drawn pixel for pixel (nearest), never smoothed
 
 
@@ -2424,7 +2045,7 @@ def grid(videos, gap=2):
 
 def _image_axes(image, scale):
     """A figure whose axes show `image` with `scale` x `scale` figure pixels per image pixel at FIGURE_DPI (an
-    integer keeps pixel art sharp; labels and titles are drawn around it and kept by save_figure's tight box)."""
+    integer keeps pixel art sharp; labels and titles are drawn around it and kept by figure_png's tight box)."""
     import matplotlib.pyplot as plt
     h, w = image.shape[:2]
     fig = plt.figure(figsize=(w * scale / FIGURE_DPI, h * scale / FIGURE_DPI), dpi=FIGURE_DPI)
@@ -2538,82 +2159,6 @@ def plot_disentanglement_history(history, title=None):
     return fig
 
 
-# ----------------------------------------------------------------------------- the study
-def collect_study(run_dirs, out=None, keep=True):
-    """{name: {config, parameters, history}} of the study's runs (folders holding metrics.json and checkpoint.pt);
-    written as JSON to `out` when given, so the report shows the study without its checkpoints. With `keep`, the
-    runs already in `out` stay (a run collected again replaces its entry), so a study can grow after its earlier
-    checkpoints are gone."""
-    study = json.loads(Path(out).read_text()) if keep and out and Path(out).is_file() else {}
-    for run in map(Path, run_dirs):
-        ckpt = _read_checkpoint(run / "checkpoint.pt", "cpu")
-        study[run.name] = {"config": ckpt["config"], "history": ckpt["history"], "init": ckpt.get("init"),
-                           "parameters": sum(v.numel() for k, v in ckpt["model"].items()
-                                             if "running" not in k and "num_batches" not in k)}
-    if out:
-        _atomic_write_text(out, json.dumps(study, indent=1, default=list))
-    return study
-
-
-def study_table(study, reference="cpu"):
-    """One row per configuration: what differs from `reference`'s profile values, whether that stays within the
-    paper's model and objective, the last logged metrics, epochs, wall time, parameters and the judge file that
-    read them (first 12 hex digits of its SHA-256)."""
-    import pandas as pd
-    base = make_config(reference).__dict__
-    rows = {}
-    for name, run in study.items():
-        changed = {k: v for k, v in run["config"].items()
-                   if k not in ("run_dir", "judge_every", "judge_limit", "profile", "init") and base.get(k) != v
-                   and not (isinstance(v, list) and tuple(v) == base.get(k))}
-        last = [r for r in run["history"] if "z kept: motion" in r][-1]
-        motion, attributes = _ceiling(pd.DataFrame([last]))
-        init = run.get("init") or {}
-        changes = [f"{k}={v}" for k, v in changed.items()]
-        if init:  # a warm start: its epochs and wall time count the file's training too
-            changes.insert(0, f"warm start from {Path(init['path']).name} ({init['epochs']} epochs)")
-        rows[name] = {"changes": ", ".join(changes) or "(profile values)",
-                      "paper's model and objective": "yes" if faithful_to_paper(run["config"]) else "no",
-                      "epochs": (f"{init['epochs']} + " if init else "")
-                                + f"{last['epoch']} of {run['config']['epochs']}",
-                      "wall min": (init.get("seconds", 0.0) + sum(r["seconds"] for r in run["history"])) / 60,
-                      "parameters (M)": run["parameters"] / 1e6,
-                      "z kept: motion %": 100 * last["z kept: motion"], "z kept: IS": last["z kept: IS"],
-                      **{f"f kept: {a} %": 100 * last[f"f kept: {a}"] for a in ATTRIBUTES},
-                      "swap: motion of b %": 100 * last["swap: motion of b"],
-                      "swap: attributes of a %": 100 * last["swap: attributes of a"],
-                      "recon: motion %": 100 * float(motion.iloc[0]),
-                      "recon: attributes %": 100 * float(attributes.iloc[0]),
-                      "KL_f": last["kl_f"], "KL_z": last["kl_z"], "test -ELBO": last["test_loss"],
-                      "judge": (last.get("judge sha256") or "not recorded")[:12]}  # rows of one judge compare
-    return pd.DataFrame(rows).T
-
-
-def plot_study(study):
-    """Fixed-z motion accuracy and mean fixed-f attribute accuracy against training wall time, per configuration
-    (a warm-started run from the end of its source's training)."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
-    colors, markers = plt.cm.tab20.colors, "os^Dv<>pPX*h"
-    for i, (name, run) in enumerate(study.items()):  # a colour and a marker of its own for every run
-        df = pd.DataFrame(run["history"])
-        df["wall minutes"] = ((run.get("init") or {}).get("seconds", 0.0) + df["seconds"].cumsum()) / 60
-        df = df.dropna(subset=["z kept: motion"])
-        for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
-            ax.plot(df["wall minutes"], 100 * df[key], marker=markers[i % len(markers)],
-                    color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], label=name)
-    for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
-        ax.set_title(TRACKED[key])
-        ax.set_xlabel("training wall minutes")
-        ax.axhline(PUBLISHED["DSVAE (published)"]["accuracy %"] if key == "z kept: motion" else 90, color="grey",
-                   lw=0.8)
-    axes[0].set_ylabel("judge accuracy %")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
 def interleave(*videos):
     """Rows a0, b0, ..., a1, b1, ...: each original above its counterparts."""
     return np.stack([v[i] for i in range(len(videos[0])) for v in videos])
@@ -2629,13 +2174,8 @@ def figure_png(fig, dpi=FIGURE_DPI, colors=256):
     return out.getvalue()
 
 
-def save_figure(fig, name, folder, dpi=FIGURE_DPI):
-    """Save a matplotlib figure as <folder>/<name>.png (atomically); returns the path."""
-    return atomic_write(Path(folder) / f"{name}.png", figure_png(fig, dpi))
-
-
 def show_figure(fig, name=None, folder=None, dpi=FIGURE_DPI):
-    """Display a figure as the PNG that `save_figure` writes (saved too when `name` and `folder` are given), and
+    """Display a figure as a palette PNG (`figure_png`; saved too when `name` and `folder` are given), and
     close it: the notebook then holds that one compact image, not a second rendering by the inline backend."""
     import matplotlib.pyplot as plt
     from IPython.display import Image as ImageDisplay
@@ -2971,6 +2511,28 @@ def _metrics_tables(metrics):
     return judge_protocol_table(summaries), pd.DataFrame(rest)
 
 
+def profile_comparison(results):
+    """Profiles side by side ({profile: evaluate_profile result}): one row per profile and q variant with the
+    headline metrics (mean over the sampling seeds, %), the first seed's motion split (`motion_breakdown`), whether
+    the profile keeps the paper's model and objective, its held-out -ELBO and its training time (a warm start's counts
+    the training of the file it started from)."""
+    import pandas as pd
+    rows = {}
+    for name, result in results.items():
+        for q, run in result["runs"].items():
+            mean = {k: v["mean"] for k, v in run["summary"].items()}
+            split = motion_breakdown(run["confusions (first seed)"]["motion"])
+            rows[(name, q)] = {"paper's model and objective": "yes" if faithful_to_paper(run["config"]) else "no",
+                               "z kept: motion %": 100 * mean["z kept: motion"], "direction %": split["direction"],
+                               "left/right swapped %": split["left/right swapped"],
+                               "z kept: IS": mean["z kept: IS"], "swap: motion of b %": 100 * mean["swap: motion of b"],
+                               **{f"f kept: {a} %": 100 * mean[f"f kept: {a}"] for a in ATTRIBUTES},
+                               **{f"recon: {a} %": 100 * mean[f"recon: {a}"] for a in ("skin", "pants")},
+                               "test -ELBO": run["final ELBO terms"]["test_loss"],
+                               "train min": (run["train seconds"] + (run.get("init") or {}).get("seconds", 0)) / 60}
+    return pd.DataFrame(rows).T.rename_axis(["profile", "q(z)"])
+
+
 def write_index(folder, profile, chapters):
     """reports/index.html: the headline results (from figures/metrics.json of the run), the key figures and links
     to the chapters, each with and without its code."""
@@ -3101,6 +2663,110 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
     return out
 
 
+# ----------------------------------------------------------------------------- the report: the README's results
+README_BEGIN, README_END = "<!-- results:begin (written by `python dsvae_lib.py readme`) -->", "<!-- results:end -->"
+
+
+def _epochs_label(run):
+    """A run's epochs as a report names them: "32", or "32 + 6" for 6 epochs warm-started from a 32-epoch file."""
+    return f"{run['init']['epochs']} + {run['epochs']}" if run.get("init") else f"{run['epochs']}"
+
+
+def _run_line(q, run):
+    """The README's line naming what produced a run's numbers: file, SHA-256, epochs, seed, time and config."""
+    c, init = run["config"], run.get("init")
+    minutes = run["train seconds"] / 60
+    trained = (f"{run['epochs']} epochs, training seed {c['seed']}, {minutes:.0f} min of training" if not init else
+               f"{_epochs_label(run)} epochs: warm-started from `{init['path']}` (SHA-256 "
+               f"`{init['sha256'][:16]}…`, {init['epochs']} epochs, {init['seconds'] / 60:.0f} min), then "
+               f"{run['epochs']} epochs with training seed {c['seed']} in {minutes:.0f} min")
+    return (f"- q(z) {q}: `{run['checkpoint']}` (SHA-256 `{run['checkpoint sha256'][:16]}…`), "
+            f"{trained}; {c['channels']} channels, f {c['f_dim']}, z {c['z_dim']}, beta_f {c.get('beta_f', 1.0)}, "
+            f"beta_z {c.get('beta_z', 1.0)}, lr {c['lr']} ({c['lr_schedule']}), batch {c['batch_size']}"
+            + "".join(f", {k} (beyond the paper)" for k in beyond_the_paper(c) if not k.startswith("beta_")))
+
+
+def results_markdown(metrics):
+    """The README's results section from a metrics.json written by `evaluate_profile`: what produced each number
+    (profile, data, epochs, seeds, weights file and its SHA-256), the judge protocol table beside the published
+    row, and every other metric with its ceiling (the judge on reconstructions)."""
+    runs = metrics["runs"]
+    pct = lambda s, k: f"{100 * s[k]['mean']:.2f} ± {100 * s[k]['std']:.2f}"
+    num = lambda s, k, d=3: f"{s[k]['mean']:.{d}f} ± {s[k]['std']:.{d}f}"
+    lines = [f"Profile `{metrics['profile']}`; data `{metrics['data']}`; all {metrics['test sequences']} test sequences; "
+             f"mean ± standard deviation over sampling seeds {', '.join(map(str, metrics['seeds']))}; judge accuracy "
+             f"on the real test split: " + ", ".join(f"{h} {100 * v:.1f} %" for h, v in
+                                                   metrics["judge"]["test accuracy"].items())
+             + (f" (judge file SHA-256 `{judge_sha[:16]}…`)" if (judge_sha := metrics["judge"].get("sha256")) else "")
+             + "".join(f"; evaluated on {p} in {a}" for p, a in dict.fromkeys(
+                 (r["processor"], r["arithmetic"]) for r in runs.values() if r.get("processor")))
+             + ".", ""]
+    lines += [_run_line(q, run) for q, run in runs.items()]
+    lines += ["", "Dynamics kept, content resampled (the judge protocol of S3VAE and C-DSVAE):", "",
+              "| | accuracy % | IS | H(y\\|x) | H(y) |", "| --- | --- | --- | --- | --- |"]
+    for q, run in runs.items():
+        s = run["summary"]
+        lines.append(f"| ours, `{metrics['profile']}`, {q} q, {_epochs_label(run)} epochs | "
+                     f"{pct(s, 'z kept: motion')} | {num(s, 'z kept: IS')} | {num(s, 'z kept: H(y|x)')} | "
+                     f"{num(s, 'z kept: H(y)')} |")
+    for name, row in metrics["published"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4g}" for v in row.values()) + " |")
+    split = {q: motion_breakdown(run["confusions (first seed)"]["motion"]) for q, run in runs.items()}
+    lines += ["", "The motion read in those generations, split into its factors (first sampling seed's confusion, % of "
+              "the test sequences; `motion_breakdown`):", "",
+              "| | motion % | action % | direction % | left/right swapped, action right % |", "| --- |" + " --- |" * 4]
+    lines += [f"| ours, {q} q | " + " | ".join(f"{v:.1f}" for v in split[q].values()) + " |" for q in runs]
+    rows = [("f kept, z ~ p(z): {} %", [f"f kept: {a}" for a in ATTRIBUTES]),
+            ("f kept, z of another sequence: {} %", [f"swap: {a} of a" for a in ATTRIBUTES]),
+            ("z kept, f of another sequence: motion %", ["swap: motion of b"]),
+            ("reconstruction (ceiling): {} %", [f"recon: {h}" for h in HEADS])]
+    lines += ["", "Content kept, dynamics resampled (the paper's test), the same with codes of other test sequences "
+              "(the aggregate posterior), and the judge on plain reconstructions:", "",
+              "| metric | " + " | ".join(f"{q} q" for q in runs) + " |", "| --- |" + " --- |" * len(runs)]
+    for label, keys in rows:
+        for key in keys:
+            if all(key in run["summary"] for run in runs.values()):
+                name = label.format(key.split(": ")[1].split(" of")[0])
+                lines.append(f"| {name} | " + " | ".join(pct(run["summary"], key) for run in runs.values()) + " |")
+    lines.append("| reconstruction: per-pixel MSE (pixels in [0, 1]) / PSNR dB | " + " | ".join(
+        f"{run['summary']['recon MSE']['mean']:.5f} / {run['summary']['recon PSNR']['mean']:.2f}"
+        for run in runs.values()) + " |")
+    lines.append("| final train −ELBO (recon + KL_f + KL_z), nats | " + " | ".join(
+        "{loss:.1f} ({recon:.1f} + {kl_f:.1f} + {kl_z:.1f})".format(**run["final ELBO terms"])
+        for run in runs.values()) + " |")
+    if all("latent probe %" in run for run in runs.values()):  # what the codes hold (latent_probe)
+        for code in ("f", "z_1:T"):
+            for h in HEADS:
+                lines.append(f"| linear probe of {code} (train codes → test codes): {h} % | " + " | ".join(
+                    f"{run['latent probe %'][code][h]:.1f}" for run in runs.values()) + " |")
+    return "\n".join(lines)
+
+
+def ablation_metrics(profile, folder=None):
+    """{ablation profile: its metrics.json} for the ablations of `profile` that have been evaluated (their files in
+    <folder>/<ablation>/; folder: the profile's figures folder of record, whatever $DSVAE_FIGURES says)."""
+    folder = Path(folder or ROOT / get_profile(profile).figures)
+    return {a: json.loads(path.read_text()) for a in get_profile(profile).ablations
+            if (path := folder / a / "metrics.json").is_file()}
+
+
+def update_readme(metrics_path, readme=None, ablations=None):
+    """Replace the README's results section (between its markers) with `results_markdown` of a metrics.json,
+    followed by that of each ablation's ({profile name: metrics}), under a heading that says it is beyond the paper."""
+    readme = Path(readme or ROOT / "README.md")
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise ValueError(f"{readme} has no results markers; put the lines\n{README_BEGIN}\n{README_END}\n"
+                         f"where the results table belongs")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    body = results_markdown(json.loads(Path(metrics_path).read_text()))
+    for name, metrics in (ablations or {}).items():
+        body += f"\n\n### Beyond the paper: profile `{name}`\n\n{get_profile(name).note}\n\n{results_markdown(metrics)}"
+    _atomic_write_text(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
+    return readme
+
+
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
     import argparse
@@ -3201,6 +2867,322 @@ def _command(parser, args, profile):
         parser.error(str(e))
     _, history = train(config, change_lr=args.change_lr)
     print(json.dumps(history[-1], indent=1))
+
+
+# ============================================================================= beyond the paper
+# Everything below goes beyond Li & Mandt (2018): the options that the study (notebook 06) kept, their evaluation
+# beside the paper's model, and the study's diagnostics and data. The core above reaches it only through the one
+# extension point, `content_views` (what q(f|.) reads), and through the profile registry (`Profile.ablations`).
+# Options that ended negative are recorded in notebook 06 and RETIRED; commit RETIRED_AT still runs them.
+
+# ----------------------------------------------------------------------------- beyond the paper: views of x, profiles
+def content_views(config, x, partner=None):
+    """The extension point: the sequences whose frame features q(f|.) reads, averaged (`DSAE.features`). The paper's
+    q(f|x) reads x alone. With f_mirror it also reads x's left-right mirror image, so f cannot tell the facing and z
+    must carry it; with `partner` (f_partner, in training) it reads another sequence of x's character instead of x."""
+    view = x if partner is None else partner
+    return [view, view.flip(-1)] if config.f_mirror else [view]
+
+
+def training_views(config, batches, idx, generator, x):
+    """What q(f|.) reads for the training batch `idx` (frames x): None (the model's own views, as in evaluation),
+    or with f_partner the views of partners (`Batches.partners`) drawn from `generator`, fixed by (seed, epoch)."""
+    return content_views(config, x, batches.partners(idx, generator)) if config.f_partner else None
+
+
+def evaluate_ablations(profile, seeds=(0, 1, 2), progress=True, weights=True):
+    """`evaluate_profile` of each ablation of `profile`, written to <figures_dir(profile)>/<ablation>/metrics.json
+    (not to the ablation's own figures_dir, which a report stages into the profile's), so that a report keeps them
+    beside its own; {ablation: result}. With `weights`, only ablations whose every trained q has its committed
+    weights file (never a run, finished or not); else their runs. An ablation must be read by the profile's judge
+    and latent probe."""
+    results = {}
+    for a in get_profile(profile).ablations:
+        if judge_config(a) != judge_config(profile) or get_profile(a).probe_limit != get_profile(profile).probe_limit:
+            raise ValueError(f"ablation {a!r} of profile {profile!r} has another judge or latent probe; give it the "
+                             f"profile's judge, test_limit and probe_limit so that their metrics compare")
+        runs = trained_runs(a, weights)
+        if runs and (not weights or all(path == weights_path(a, q) for q, path in runs.items())):
+            results[a] = evaluate_profile(a, seeds, figures_dir(profile) / a / "metrics.json", progress, weights)
+    return results
+
+
+# ----------------------------------------------------------------------------- beyond the paper: diagnostics
+@torch.no_grad()
+def judge_under_blur(judge, data: Sprites, sigmas=(0.5, 0.7, 1.0), limit=None):
+    """How the judge reads *real* sequences blurred by a Gaussian of each sigma (pixels): a DataFrame of the
+    PSNR of the blurred frames and the accuracy of every head. Blur costs a reconstruction accuracy even when its
+    colours are right, so this is how sharp a decoder must be before the judge can read its attributes."""
+    import pandas as pd
+    n = len(data) if limit is None else min(limit, len(data))
+    x = to_model_input(data.frames[:n])
+    labels = labels_of(data)
+    rows = {}
+    for sigma in sigmas:
+        blurred = torch.cat([gaussian_blur(x[i:i + 100], sigma) for i in range(0, n, 100)])
+        mse = float(((blurred - x) / 2).pow(2).mean())
+        probs = judge_probs(judge, blurred)
+        rows[sigma] = {"PSNR dB": 10 * math.log10(1 / mse),
+                       **{f"{h} %": 100 * _accuracy(probs[h], labels[h][:n]) for h in HEADS}}
+    return pd.DataFrame(rows).T.rename_axis("blur sigma (pixels)")
+
+
+@torch.no_grad()
+def attribute_readings(model, judges, data: Sprites, limit=None, seed=0):
+    """The four attributes as each judge of `judges` ({name: judge}) reads them on the plain reconstructions and on
+    the generations with f kept and z_1:T ~ p(z) (sampling seed `seed`, drawn as `evaluate` draws it): a DataFrame
+    (judge x reading, %). With a judge trained on blurred real sequences it separates "f lost the colour" from
+    "the decoder blurs it"."""
+    import pandas as pd
+    model.eval()
+    f, z = encode_all(model, data, limit)
+    n = len(f)
+    labels = labels_of(data)
+    g = torch.Generator(model.device).manual_seed(seed)
+    videos = {"f kept": _decode_all(model, f, model.sample_z(n, generator=g)), "recon": _decode_all(model, f, z)}
+    rows = {}
+    for name, judge in judges.items():
+        probs = {kind: judge_probs(judge, v) for kind, v in videos.items()}
+        rows[name] = {f"{kind}: {a} %": 100 * _accuracy(probs[kind][a], labels[a][:n])
+                      for kind in videos for a in ATTRIBUTES}
+    return pd.DataFrame(rows).T
+
+
+@torch.no_grad()
+def prior_temperature_readings(model, judge, data: Sprites, temperatures=(1.0, 0.75, 0.5, 0.25, 0.0), limit=None,
+                               seed=0):
+    """Where does content get lost when z is resampled: the four attributes with f kept and z_1:T drawn from the
+    prior at each temperature (1: the paper's test, as `evaluate` draws it with sampling seed `seed`; 0: the
+    prior's mean path), beside z of another test sequence (the swap's aggregate posterior) and the reconstructions.
+    If the misses shrink as the temperature falls, they come from prior samples away from where the posterior puts
+    z, not from content held in z. Returns a DataFrame (z's source x attribute, % read right)."""
+    import pandas as pd
+    model.eval()
+    f, z = encode_all(model, data, limit)
+    n = len(f)
+    labels = {h: v[:n] for h, v in labels_of(data).items()}
+    sources = {}
+    for tau in temperatures:
+        g = torch.Generator(model.device).manual_seed(seed)
+        sources[f"z ~ p(z), temperature {tau:g}"] = model.sample_z(n, generator=g, temperature=tau)
+    perm = swap_partners(n, seed)
+    sources["z of another sequence"] = z[torch.from_numpy(perm).to(z.device)]
+    sources["z of the sequence (reconstruction)"] = z
+    rows = {}
+    for name, z_source in tqdm(sources.items(), desc="z sources", leave=False):
+        probs = judge_probs(judge, _decode_all(model, f, z_source))
+        rows[name] = {a: 100 * _accuracy(probs[a], labels[a]) for a in ATTRIBUTES}
+    return pd.DataFrame(rows).T
+
+
+@torch.no_grad()
+def motion_source(model, judge, data: Sprites, limit=None, seed=0):
+    """Which code the decoder takes the motion from: the swap of `evaluate` (f of sequence a decoded with z_1:T of
+    its partner b, the pairs of sampling seed `seed`), read by the judge. For the motion and each of its factors,
+    over the pairs where a and b differ in it: % of the generations read with z's value (b's), with f's (a's), or
+    with neither. A decoder that takes the motion from z alone reads z's in 100 %. Returns a DataFrame (factor x
+    pairs, % from z, % from f, % neither)."""
+    import pandas as pd
+    model.eval()
+    f, z = encode_all(model, data, limit)
+    n = len(f)
+    perm = swap_partners(n, seed)
+    read = judge_probs(judge, _decode_all(model, f, z[torch.from_numpy(perm).to(z.device)]))["motion"].argmax(1)
+    def factors(m):  # the motion and its two factors
+        action, direction = decode_motion(m)
+        return {"motion": np.asarray(m), "action": action, "direction": direction}
+
+    motion = np.asarray(data.motion[:n])
+    of_a, of_b, of_read = factors(motion), factors(motion[perm]), factors(read)
+    rows = {}
+    for name in of_a:
+        of_f, of_z, got = of_a[name], of_b[name], of_read[name]
+        differ = of_f != of_z
+        from_z, from_f = got[differ] == of_z[differ], got[differ] == of_f[differ]
+        rows[name] = {"pairs": int(differ.sum()), "% from z": 100 * from_z.mean(), "% from f": 100 * from_f.mean(),
+                      "% neither": 100 * (~from_z & ~from_f).mean()}
+    return pd.DataFrame(rows).T
+
+
+@torch.no_grad()
+def kl_per_step(model, data: Sprites, limit=None, seed=0, batch_size=100):
+    """Where the ELBO pays for z: the mean of KL(q(z_t|.) || p(z_t|z_<t)) at each step t (Eq. 5's sum over t, split),
+    in nats per sequence, over (the first `limit` sequences of) a split and by action, with KL(q(f|x) || p(f)) beside
+    it. As in training, the prior reads posterior samples z_<t (drawn with sampling seed `seed`); the KLs are
+    computed in fp32. A step that costs nats after the first is information the prior could not predict from z_<t.
+    Returns a DataFrame (KL_z at t = 1..T, then KL_f) x (all sequences, each action)."""
+    import pandas as pd
+    post = encode_posteriors(model, data, limit, batch_size, generator=torch.Generator(model.device).manual_seed(seed))
+    with _autocast(model.device, model.config.bf16):
+        prior_mean, prior_logvar = model.prior_z(post.z)
+    kl_z = kl_normal(post.z_mean, post.z_logvar, prior_mean.float(), prior_logvar.float()).sum(-1)
+    kl = torch.cat([kl_z, kl_normal(post.f_mean, post.f_logvar).sum(-1, keepdim=True)], dim=1).cpu().numpy()
+    n = len(kl)
+    action = np.asarray(data.action[:n])
+    groups = {"all": np.ones(n, bool), **{a: action == k for k, a in enumerate(ACTIONS)}}
+    index = [f"KL_z, t = {t}" for t in range(1, kl.shape[1])] + ["KL_f"]
+    return pd.DataFrame({name: kl[rows].mean(0) for name, rows in groups.items()}, index=index)
+
+
+def colour_readout(videos, data: Sprites, attributes=("skin", "pants"), sheets=None):
+    """A judge-free reading of colour in videos that keep each sequence's own pose (reconstructions; a generation
+    with z resampled moves the parts, so it does not apply there). For each sequence and attribute: the pixels
+    where that layer shows (those that change when only its variant changes, composed from the sheets in the
+    sequence's motion), the mean colour the video has there, and the variant whose true mean colour on those same
+    pixels is nearest. `videos`: uint8 (n, T, 64, 64, 3) of the first n sequences of `data`.
+    Returns ({attribute: % read right}, DataFrame (attribute, variant) -> true and drawn mean R, G, B and % read)."""
+    import pandas as pd
+    index = {a: attribute_index(a) for a in attributes}
+    strips = _strips(str(find_sheets(sheets)))
+    n, attrs = len(videos), data.attributes[:len(videos)]
+    read = {a: np.zeros(n, int) for a in attributes}
+    true_colour, drawn_colour = {a: np.zeros((n, 3)) for a in attributes}, {a: np.zeros((n, 3)) for a in attributes}
+    for c in np.unique(data.character[:n]):
+        rows = np.flatnonzero(data.character[:n] == c)
+        for a, i in index.items():
+            variants = []
+            for v in range(N_VARIANTS):
+                other = decode_character(c).copy()
+                other[i] = v
+                variants.append(compose_character(strips, int(encode_character(*other))))
+            variants = np.stack(variants)  # uint8 (variant, motion, T, 64, 64, 3); means come out in float64
+            for r in rows:
+                m = int(data.motion[r])
+                mask = (variants[:, m] != variants[:1, m]).any(-1).any(0)  # (T, 64, 64): where the layer shows
+                means = variants[:, m][:, mask].mean(1)  # true mean colour of every variant there
+                drawn = videos[r][mask].astype(np.float64).mean(0)
+                read[a][r] = int(np.argmin(((means - drawn) ** 2).sum(1)))
+                true_colour[a][r], drawn_colour[a][r] = means[attrs[r, i]], drawn
+    accuracy = {a: 100 * float((read[a] == attrs[:, i]).mean()) for a, i in index.items()}
+    table = {}
+    for a, i in index.items():
+        for v in range(N_VARIANTS):
+            hit = attrs[:, i] == v
+            if hit.any():
+                t, d = true_colour[a][hit].mean(0), drawn_colour[a][hit].mean(0)
+                table[(a, v)] = {"true R": t[0], "true G": t[1], "true B": t[2], "drawn R": d[0], "drawn G": d[1],
+                                 "drawn B": d[2], "read %": 100 * float((read[a][hit] == v).mean()), "sequences": hit.sum()}
+    return accuracy, pd.DataFrame(table).T.rename_axis(["attribute", "variant"])
+
+
+@torch.no_grad()
+def reconstruction_colours(model, data: Sprites, limit=None, sheets=None):
+    """colour_readout of the plain reconstructions (posterior means of f and z) of the first `limit` sequences."""
+    f, z = encode_all(model, data, limit)
+    return colour_readout(to_uint8(_decode_all(model, f, z)), data, sheets=sheets)
+
+
+def code_separation(model, data: Sprites, attribute="pants", limit=2700, batch_size=100):
+    """How far apart q(f|x) puts the variants of one attribute, pair by pair, over the first `limit` sequences of a
+    split: the discriminability d'^2 = sum_d (m_a,d - m_b,d)^2 / s_d^2 of the two variants' mean codes m_a, m_b
+    along each dimension d of f (a read-out that weighs every dimension by its own spread), with s_d^2 either the
+    spread of the posterior means within a variant ("means"), or that plus the mean posterior variance of q(f|x)
+    ("samples": the codes the decoder is trained on). d'^2 >= 9 (d' >= 3) keeps a pair apart; near 1 it overlaps.
+    A DataFrame indexed by (variant a, variant b), a < b."""
+    import pandas as pd
+    column = attribute_index(attribute)
+    post = encode_posteriors(model, data, limit, batch_size)
+    mean, variance = post.f_mean.double().cpu().numpy(), post.f_logvar.double().exp().cpu().numpy()
+    y = data.attributes[:len(mean), column]
+    present = [v for v in range(N_VARIANTS) if (y == v).any()]
+    centre = {v: mean[y == v].mean(0) for v in present}
+    within = np.mean([mean[y == v].var(0) for v in present], axis=0)  # spread of the means inside a variant
+    noise = variance.mean(0)
+    rows = {}
+    for a, b in itertools.combinations(present, 2):
+        gap = (centre[a] - centre[b]) ** 2
+        rows[(a, b)] = {"means": float((gap / (within + 1e-12)).sum()),
+                        "samples": float((gap / (within + noise)).sum())}
+    return pd.DataFrame(rows).T.rename_axis([f"{attribute} a", f"{attribute} b"])
+
+
+# ----------------------------------------------------------------------------- beyond the paper: the study's data
+def collect_study(run_dirs, out=None, keep=True):
+    """{name: {config, parameters, history, commit}} of the study's runs (folders holding metrics.json and
+    checkpoint.pt); written as JSON to `out` when given, so the report shows the study without its checkpoints. With
+    `keep`, the runs already in `out` stay (a run collected again replaces its entry), so a study can grow after its
+    earlier checkpoints are gone. `commit` is the repository's commit at collection (`git_commit`): collect a run
+    at the commit that trained it, so that its row can be rerun from there (git worktree add ../study <commit>)."""
+    study = json.loads(Path(out).read_text()) if keep and out and Path(out).is_file() else {}
+    for run in map(Path, run_dirs):
+        ckpt = _read_checkpoint(run / "checkpoint.pt", "cpu")
+        study[run.name] = {"config": ckpt["config"], "history": ckpt["history"], "init": ckpt.get("init"),
+                           "parameters": sum(v.numel() for k, v in ckpt["model"].items()
+                                             if "running" not in k and "num_batches" not in k),
+                           "commit": git_commit()}
+    if out:
+        _atomic_write_text(out, json.dumps(study, indent=1, default=list))
+    return study
+
+
+def git_commit(folder=ROOT):
+    """The short hash of the commit checked out in `folder`, with "+changes" when this module differs from it;
+    None outside a git checkout."""
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=folder, capture_output=True, text=True)
+    if head.returncode:
+        return None
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", Path(__file__).name], cwd=folder).returncode
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
+def study_table(study, reference="cpu"):
+    """One row per configuration: what differs from `reference`'s profile values, whether that stays within the
+    paper's model and objective, the last logged metrics, epochs, wall time, parameters and the judge file that
+    read them (first 12 hex digits of its SHA-256)."""
+    import pandas as pd
+    base = {**{k: d for k, (d, _) in RETIRED.items()}, **make_config(reference).__dict__}  # retired: at defaults
+    rows = {}
+    for name, run in study.items():
+        changed = {k: v for k, v in run["config"].items()
+                   if k not in ("run_dir", "judge_every", "judge_limit", "profile", "init") and base.get(k) != v
+                   and not (isinstance(v, list) and tuple(v) == base.get(k))}
+        last = [r for r in run["history"] if "z kept: motion" in r][-1]
+        motion, attributes = _ceiling(pd.DataFrame([last]))
+        init = run.get("init") or {}
+        changes = [f"{k}={v}" for k, v in changed.items()]
+        if init:  # a warm start: its epochs and wall time count the file's training too
+            changes.insert(0, f"warm start from {Path(init['path']).name} ({init['epochs']} epochs)")
+        rows[name] = {"changes": ", ".join(changes) or "(profile values)",
+                      "paper's model and objective": "yes" if faithful_to_paper(run["config"]) else "no",
+                      "epochs": (f"{init['epochs']} + " if init else "")
+                                + f"{last['epoch']} of {run['config']['epochs']}",
+                      "wall min": (init.get("seconds", 0.0) + sum(r["seconds"] for r in run["history"])) / 60,
+                      "parameters (M)": run["parameters"] / 1e6,
+                      "z kept: motion %": 100 * last["z kept: motion"], "z kept: IS": last["z kept: IS"],
+                      **{f"f kept: {a} %": 100 * last[f"f kept: {a}"] for a in ATTRIBUTES},
+                      "swap: motion of b %": 100 * last["swap: motion of b"],
+                      "swap: attributes of a %": 100 * last["swap: attributes of a"],
+                      "recon: motion %": 100 * float(motion.iloc[0]),
+                      "recon: attributes %": 100 * float(attributes.iloc[0]),
+                      "KL_f": last["kl_f"], "KL_z": last["kl_z"], "test -ELBO": last["test_loss"],
+                      "judge": (last.get("judge sha256") or "not recorded")[:12],  # rows of one judge compare
+                      "commit": run.get("commit") or "not recorded"}  # whose code reruns it
+    return pd.DataFrame(rows).T
+
+
+def plot_study(study):
+    """Fixed-z motion accuracy and mean fixed-f attribute accuracy against training wall time, per configuration
+    (a warm-started run from the end of its source's training)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
+    colors, markers = plt.cm.tab20.colors, "os^Dv<>pPX*h"
+    for i, (name, run) in enumerate(study.items()):  # a colour and a marker of its own for every run
+        df = pd.DataFrame(run["history"])
+        df["wall minutes"] = ((run.get("init") or {}).get("seconds", 0.0) + df["seconds"].cumsum()) / 60
+        df = df.dropna(subset=["z kept: motion"])
+        for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
+            ax.plot(df["wall minutes"], 100 * df[key], marker=markers[i % len(markers)],
+                    color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], label=name)
+    for ax, key in zip(axes, ("z kept: motion", "f kept: attributes")):
+        ax.set_title(TRACKED[key])
+        ax.set_xlabel("training wall minutes")
+        ax.axhline(PUBLISHED["DSVAE (published)"]["accuracy %"] if key == "z kept: motion" else 90, color="grey",
+                   lw=0.8)
+    axes[0].set_ylabel("judge accuracy %")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 if __name__ == "__main__":

@@ -146,23 +146,6 @@ def test_left_is_the_mirror_image_of_right(test_split):
     assert len(mirrored) == 3 * 296 and np.mean(mirrored) < 1.5
 
 
-def test_spellcard_and_slash_begin_with_the_same_picture(test_split):
-    """The premise of f_first: for every test character and direction, the first frames of spellcard and slash
-    differ by under 1/255 per pixel (under 0.25/255 over all of them), while walk's first frame differs from both by
-    more than 2/255 (over 4/255 on average): a q(f|x) that reads only x_1 cannot tell spellcard from slash."""
-    data = test_split
-    walk, spell, slash = (dsvae_lib.ACTIONS.index(a) for a in ("walk", "spellcard", "slash"))
-    same, walk_apart = [], []
-    for c in np.unique(data.character):
-        for d in range(len(dsvae_lib.DIRECTIONS)):
-            first = [data.frames[np.flatnonzero((data.character == c) & (data.direction == d) & (data.action == a))[0],
-                                 0].astype(np.int16) for a in (walk, spell, slash)]
-            same.append(np.abs(first[1] - first[2]).mean())
-            walk_apart += [np.abs(first[0] - first[1]).mean(), np.abs(first[0] - first[2]).mean()]
-            assert same[-1] < 1 and min(walk_apart[-2:]) > 2, (c, dsvae_lib.DIRECTIONS[d])
-    assert len(same) == 3 * 296 and np.mean(same) < 0.25 and np.mean(walk_apart) > 4
-
-
 # ----------------------------------------------------------------------------- 3. download, over real HTTP
 @pytest.fixture
 def sheet_server(tmp_path, copy_sheets):
