@@ -56,3 +56,13 @@ def copy_sheets(sheets_dir):
                 shutil.copyfile(sheets_dir / rel, dest / rel)
         return dest
     return copy
+
+
+@pytest.fixture(scope="session")
+def smoke_run():
+    """The smoke profile's run as notebook 03 trains it (runs/smoke-factorised; `make test` removes it first),
+    trained once per test session and shared, read-only, by every test that needs some trained model and by the
+    notebooks that run after the tests: (config, history)."""
+    config = dsvae_lib.make_config("smoke")
+    _, history = dsvae_lib.train(config, progress=False)
+    return config, history

@@ -93,12 +93,11 @@ def browser(lab):
 
 
 @pytest.fixture(scope="module")
-def smoke_run():
+def smoke_metrics(smoke_run):
     """The smoke run of notebook 03 and its metrics of notebook 04, which notebook 05 reads: made here when missing
     or stale, so the test does not depend on the order in which notebooks and tests run."""
     import json
-    config = dsae.make_config("smoke")
-    dsae.train(config, progress=False)
+    config, _ = smoke_run
     metrics = dsae.figures_dir("smoke") / "metrics.json"
     checkpoint = config.path / "checkpoint.pt"
     fresh = metrics.is_file() and json.loads(metrics.read_text()).get("runs", {}).get("factorised", {}).get(
@@ -175,7 +174,7 @@ def test_sprite_browser_pickers_change_the_sprite(lab, browser):
     page.close()
 
 
-def test_explorer_follows_its_sequence_index(lab, browser, smoke_run):
+def test_explorer_follows_its_sequence_index(lab, browser, smoke_metrics):
     page = _open_and_run_all(browser, lab, "05_disentanglement_figures.ipynb")
     view = _view(page, "button:has-text('find sequence')")
     src, digest = _image_state(page, view)

@@ -318,3 +318,23 @@ def test_command_line_trains_with_overrides(tmp_path):
     bad = subprocess.run([sys.executable, str(dsae.ROOT / "dsvae_lib.py"), "train", "--profile", "smoke", "--set",
                           "widht=3"], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown config field(s) ['widht']" in bad.stderr
+
+
+def test_retired_options_load_at_their_defaults_and_name_the_commit_that_runs_them(tmp_path):
+    """A file written before an option's retirement (its config holds the field at its default, as the weights of
+    record do) still loads; one that used a retired option is refused, naming the commit that still runs it; a field
+    no version had is refused, naming the file and the field."""
+    config = dsae.make_config("smoke")
+    state = dsae.DSAE(config).state_dict()
+    for extra, message in (({"f_film": False, "kl_warmup": 0.0}, None),
+                           ({"f_first": True}, f"retired option f_first=True.*{dsae.RETIRED_AT}"),
+                           ({"f_unheard_of": 1}, "f_unheard_of=1, which this version of dsvae_lib does not know")):
+        path = tmp_path / "w.pt"
+        torch.save({"config": {**config.__dict__, **extra}, "model": state, "epoch": 1, "history": []}, path)
+        if message is None:
+            assert dsae.load_checkpoint(path)[0].config == config
+        else:
+            with pytest.raises(dsae.CheckpointError, match=message):
+                dsae.load_checkpoint(path)
+    assert set(dsae.RETIRED) == {"f_first", "f_shuffle", "f_pool", "z_grey", "f_film", "kl_warmup"}
+    assert not set(dsae.RETIRED) & set(dsae.Config.__dataclass_fields__)

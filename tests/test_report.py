@@ -197,7 +197,7 @@ def test_papermill_parameters_reach_the_run(smoke_full_run, tmp_path):
     run = smoke_full_run
     nb = dsae.NOTEBOOKS
     pm.execute_notebook(nb / "03_training.ipynb", tmp_path / "03.ipynb", cwd=nb, progress_bar=False,
-                        parameters={"profile": "smoke", "q_z": "full", "overrides": '{"epochs": 1}'})
+                        parameters={"profile": "smoke", "q_z": "full", "overrides": '{"epochs": 1, "train_limit": 50}'})
     ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["config"]["q_z"] == "full" and ckpt["config"]["profile"] == "smoke"
     assert "model of record: runs/smoke-full/checkpoint.pt" in _stdout(tmp_path / "03.ipynb")

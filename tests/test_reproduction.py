@@ -75,17 +75,18 @@ def test_compile_is_used_where_it_pays_and_as_asked(monkeypatch, tmp_path):
     monkeypatch.setattr(dsae.shutil, "which", lambda name: f"/usr/bin/{name}")
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
-    smoke = dict(compile=None, epochs=1)
+    smoke = dict(compile=None, epochs=1, train_limit=50, eval_limit=25)  # 2 steps an epoch
     dsae.train(dsae.make_config("smoke", **smoke, run_dir=str(tmp_path / "short")), progress=False)
-    assert compiled == []  # 8 steps
-    monkeypatch.setattr(dsae, "COMPILE_STEPS", 8)
+    assert compiled == []  # 2 steps
+    monkeypatch.setattr(dsae, "COMPILE_STEPS", 2)
     dsae.train(dsae.make_config("smoke", **smoke, run_dir=str(tmp_path / "auto")), progress=False)
     assert len(compiled) == 1 and isinstance(compiled[0], dsae.DSAE)
-    dsae.train(dsae.make_config("smoke", epochs=1, run_dir=str(tmp_path / "off")), progress=False)
+    dsae.train(dsae.make_config("smoke", **{**smoke, "compile": False}, run_dir=str(tmp_path / "off")),
+               progress=False)
     assert len(compiled) == 1
-    monkeypatch.setattr(dsae, "COMPILE_STEPS", 9)
+    monkeypatch.setattr(dsae, "COMPILE_STEPS", 3)
     dsae.train(dsae.make_config("smoke", **{**smoke, "epochs": 2}, run_dir=str(tmp_path / "auto")), progress=False)
-    assert len(compiled) == 1  # resumed with 8 steps left of 16: fewer than 9
+    assert len(compiled) == 1  # resumed with 2 steps left of 4: fewer than 3
 
 
 @pytest.mark.parametrize("q_z", ["factorised", "full"])
@@ -137,7 +138,7 @@ def test_fused_adam_takes_pytorchs_default_adam_step_and_training_uses_it(batch,
     assert [o.param_groups[0]["fused"] for o in built] == [None, True]
 
 
-def test_disentanglement_is_logged_during_training(tmp_path):
+def test_disentanglement_is_logged_during_training(tmp_path, smoke_run):
     """judge_every=1: every epoch's row carries the judge-protocol metrics, and tracking does not change the
     training trajectory (it samples from its own generator)."""
     config = dsae.make_config("smoke", run_dir=str(tmp_path / "tracked"), judge_every=1, judge_limit=90)
@@ -150,12 +151,12 @@ def test_disentanglement_is_logged_during_training(tmp_path):
     assert {row["judge sha256"] for row in history} == {dsae.sha256(judge_file)}  # which judge read them
     csv = (tmp_path / "tracked" / "metrics.csv").read_text().splitlines()[0]
     assert "z kept: motion" in csv and "f kept: attributes" in csv
-    _, plain = dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "plain")), progress=False)
+    plain_config, plain = smoke_run  # the same run without tracking
     assert [r["loss"] for r in plain] == [r["loss"] for r in history]
     assert len(dsae.plot_disentanglement_history(history).axes) == 2  # against epochs and wall time
     with pytest.raises(ValueError, match="judge_every"):
         dsae.plot_disentanglement_history(plain)
-    study = dsae.collect_study([tmp_path / "tracked", tmp_path / "plain"][:1], out=tmp_path / "study.json")
+    study = dsae.collect_study([tmp_path / "tracked"], out=tmp_path / "study.json")
     row = dsae.study_table(study, reference="smoke").loc["tracked"]
     assert row["changes"] == "(profile values)" and row["paper's model and objective"] == "yes" and row["epochs"] == "2 of 2"
     for change in ({"f_mirror": True}, {"f_first": True}, {"f_shuffle": 8}, {"f_pool": True}, {"z_grey": True},
@@ -169,17 +170,19 @@ def test_disentanglement_is_logged_during_training(tmp_path):
     many = {f"run {i}": study["tracked"] for i in range(13)}  # every run of a study is told apart in its figure
     lines = [line for line in dsae.plot_study(many).axes[0].get_lines() if line.get_label().startswith("run")]
     assert len({(tuple(line.get_color()), line.get_marker()) for line in lines}) == 13
-    grown = dsae.collect_study([tmp_path / "plain"], out=tmp_path / "study.json")  # earlier runs stay
-    assert list(grown) == ["tracked", "plain"] and grown["tracked"]["history"] == history
-    assert list(json.loads((tmp_path / "study.json").read_text())) == ["tracked", "plain"]
+    grown = dsae.collect_study([plain_config.path], out=tmp_path / "study.json")  # earlier runs stay
+    assert list(grown) == ["tracked", "smoke-factorised"] and grown["tracked"]["history"] == history
+    assert list(json.loads((tmp_path / "study.json").read_text())) == ["tracked", "smoke-factorised"]
+    assert grown["smoke-factorised"]["commit"] == dsae.git_commit()  # whose code reruns it
 
 
-def test_study_runs_are_evaluated_by_the_protocol_of_the_weights_of_record(tmp_path, capsys):
+def test_study_runs_are_evaluated_by_the_protocol_of_the_weights_of_record(tmp_path, capsys, smoke_run):
     """`dsvae evaluate` gives a run the same per-seed rows as `evaluate` with its profile's judge, and names what it
     read; its file grows run by run (a run evaluated again replaces its entry), refuses rows of another protocol
     without touching what it holds, and a path that is no run is refused before anything is read."""
     run = tmp_path / "a"
-    dsae.train(dsae.make_config("smoke", run_dir=str(run)), progress=False)
+    run.mkdir()
+    shutil.copyfile(smoke_run[0].path / "checkpoint.pt", run / "checkpoint.pt")
     out = tmp_path / "evaluations.json"
     dsae.main(["evaluate", str(run), "--profile", "smoke", "--seeds", "0", "--out", str(out)])
     got = json.loads(out.read_text())
@@ -206,16 +209,16 @@ def test_study_runs_are_evaluated_by_the_protocol_of_the_weights_of_record(tmp_p
     assert "no checkpoint.pt there" in capsys.readouterr().err and out.read_bytes() == before
 
 
-def test_weights_file_round_trips(tmp_path, batch):
+def test_weights_file_round_trips(tmp_path, batch, smoke_run):
     """export_weights keeps the model in half precision (plus config, epochs, history); load_checkpoint gives
     back a model whose outputs equal the trained model's with its parameters rounded to half precision."""
-    config = dsae.make_config("smoke", run_dir=str(tmp_path / "run"))
-    model, history = dsae.train(config, progress=False)
-    out = dsae.export_weights(tmp_path / "run" / "checkpoint.pt", tmp_path / "w" / "smoke-factorised.pt")
+    config, history = smoke_run
+    model, _ = dsae.load_checkpoint(config.path / "checkpoint.pt")
+    out = dsae.export_weights(config.path / "checkpoint.pt", tmp_path / "w" / "smoke-factorised.pt")
     saved = torch.load(out, weights_only=False)
     assert {v.dtype for v in saved["model"].values() if v.is_floating_point()} == {torch.float16}
     assert saved["epoch"] == 2 and saved["history"] == history and saved["config"]["f_dim"] == 16
-    assert out.stat().st_size < (tmp_path / "run" / "checkpoint.pt").stat().st_size / 3
+    assert out.stat().st_size < (config.path / "checkpoint.pt").stat().st_size / 3
     loaded, ckpt = dsae.load_checkpoint(out)
     rounded = dsae.DSAE(config)
     rounded.load_state_dict({k: v.half().float() if v.is_floating_point() else v
@@ -228,12 +231,10 @@ def test_weights_file_round_trips(tmp_path, batch):
         assert (loaded.decode(a.f, a.z) - model.decode(*model.encode(batch, sample=False)[2::3])).abs().max() < 0.05
 
 
-def test_committed_weights_are_used_without_training(tmp_path, monkeypatch):
+def test_committed_weights_are_used_without_training(tmp_path, monkeypatch, smoke_run):
     """With a weights file of record present, the report's models come from it: train() is never called, and
     no run folder is created; weights=False (make reproduce) trains instead."""
-    config = dsae.make_config("smoke", run_dir=str(tmp_path / "run"))
-    dsae.train(config, progress=False)
-    dsae.export_weights(tmp_path / "run" / "checkpoint.pt", dsae.weights_path("smoke", "factorised", tmp_path / "w"))
+    dsae.export_weights(smoke_run[0].path / "checkpoint.pt", dsae.weights_path("smoke", "factorised", tmp_path / "w"))
     fresh = dsae.make_config("smoke", run_dir=str(tmp_path / "fresh"))
 
     def no_training(*args, **kwargs):
@@ -266,18 +267,17 @@ def test_a_committed_judge_is_read_and_never_retrained(tmp_path, monkeypatch):
     assert dsae.train_judge(dsae.judge_config("smoke"), progress=False)[0].sha256 == cached.sha256
 
 
-def test_export_refuses_a_run_of_another_configuration_or_unfinished(tmp_path):
+def test_export_refuses_a_run_of_another_configuration_or_unfinished(tmp_path, smoke_run):
     """Weights of record always hold the profile's own configuration, fully trained; nothing is written otherwise."""
-    config = dsae.make_config("smoke", run_dir=str(tmp_path / "run"), channels=4)
-    dsae.train(config, progress=False)
+    config, _ = smoke_run
+    checkpoint = config.path / "checkpoint.pt"
     out = tmp_path / "w" / "smoke-factorised.pt"
     with pytest.raises(ValueError, match="another configuration than profile 'smoke'"):
-        dsae.export_weights(tmp_path / "run" / "checkpoint.pt", out, expected=dsae.make_config("smoke"))
+        dsae.export_weights(checkpoint, out, expected=dsae.make_config("smoke", channels=4))
     with pytest.raises(ValueError, match="holds 2 of 3 epochs"):
-        dsae.export_weights(tmp_path / "run" / "checkpoint.pt", out,
-                            expected=dsae.make_config("smoke", channels=4, epochs=3))
+        dsae.export_weights(checkpoint, out, expected=dsae.make_config("smoke", epochs=3))
     assert not out.exists()
-    assert dsae.export_weights(tmp_path / "run" / "checkpoint.pt", out, expected=config) == out
+    assert dsae.export_weights(checkpoint, out, expected=config) == out
 
 
 def test_generations_draw_from_a_local_generator(batch):
@@ -300,7 +300,7 @@ def test_committed_weights_hold_their_profile_and_fit_the_limit(profile, q_z):
     assert path.stat().st_size <= 20_000_000
     saved = torch.load(path, map_location="cpu", weights_only=False)
     expected = dsae.make_config(profile, q_z=q_z)
-    assert dsae._comparable(dsae.Config(**saved["config"])) == dsae._comparable(expected)
+    assert dsae._comparable(dsae.config_from_dict(saved["config"], path)) == dsae._comparable(expected)
     assert saved["epoch"] == expected.epochs == len(saved["history"])
     assert {v.dtype for v in saved["model"].values() if v.is_floating_point()} == {torch.float16}
 
@@ -363,7 +363,8 @@ def test_the_ablations_of_a_profile_are_evaluated_into_its_figures(tmp_path, mon
     smoke = dsae.get_profile("smoke")
     monkeypatch.setitem(dsae.PROFILES, "smoke", dataclasses.replace(smoke, ablations=("smoke-mirror", "smoke-none")))
     for name in ("smoke-mirror", "smoke-none"):
-        monkeypatch.setitem(dsae.PROFILES, name, dataclasses.replace(smoke, config={**smoke.config, "f_mirror": True}))
+        monkeypatch.setitem(dsae.PROFILES, name, dataclasses.replace(  # one epoch of two steps: any trained run
+            smoke, config={**smoke.config, "f_mirror": True, "epochs": 1, "train_limit": 50}))
     monkeypatch.setenv("DSVAE_FIGURES", str(tmp_path / "figures"))
     run = dsae.make_config("smoke-mirror", q_z="full").path
     shutil.rmtree(run, ignore_errors=True)
@@ -392,12 +393,11 @@ def test_the_ablations_of_a_profile_are_evaluated_into_its_figures(tmp_path, mon
         dsae.evaluate_ablations("smoke", seeds=(0,), progress=False, weights=False)
 
 
-def test_warm_start_begins_from_the_given_weights_and_refuses_another_architecture(tmp_path):
+def test_warm_start_begins_from_the_given_weights_and_refuses_another_architecture(tmp_path, smoke_run):
     """init=<weights file>: the run starts from that model state (with a fresh optimiser), records the file's
     SHA-256, epochs and training time, and the study counts them; a file of another architecture, or no file, is
     refused before a run folder exists."""
-    dsae.train(dsae.make_config("smoke", run_dir=str(tmp_path / "a")), progress=False)
-    weights = dsae.export_weights(tmp_path / "a" / "checkpoint.pt", tmp_path / "w.pt")
+    weights = dsae.export_weights(smoke_run[0].path / "checkpoint.pt", tmp_path / "w.pt")
     saved = torch.load(weights, weights_only=False)
     source = saved["model"]
     warm = dsae.make_config("smoke", run_dir=str(tmp_path / "b"), init=str(weights), epochs=1, lr=1e-12,
