@@ -3160,6 +3160,21 @@ def study_table(study, reference="cpu"):
     return pd.DataFrame(rows).T
 
 
+def study_log(study, names, epochs=None):
+    """The training logs of the study's runs `names`, one row per judged epoch (or only those in `epochs`), indexed
+    by (run, epoch): the judge protocol on the run's first judge_limit test sequences (sampling seed 0) in %, the
+    reconstructions' skin and pants, the training KL terms and the held-out -ELBO, in nats."""
+    import pandas as pd
+    rows = {(name, r["epoch"]): {"z kept: motion %": 100 * r["z kept: motion"], "z kept: IS": r["z kept: IS"],
+                                 "swap: motion of b %": 100 * r["swap: motion of b"],
+                                 **{f"f kept: {a} %": 100 * r[f"f kept: {a}"] for a in ATTRIBUTES},
+                                 **{f"recon: {a} %": 100 * r[f"recon: {a}"] for a in ("skin", "pants")},
+                                 "KL_f": r["kl_f"], "KL_z": r["kl_z"], "test -ELBO": r["test_loss"]}
+            for name in names for r in study[name]["history"]
+            if "z kept: motion" in r and (epochs is None or r["epoch"] in epochs)}
+    return pd.DataFrame(rows).T.rename_axis(["run", "epoch"])
+
+
 def plot_study(study):
     """Fixed-z motion accuracy and mean fixed-f attribute accuracy against training wall time, per configuration
     (a warm-started run from the end of its source's training)."""

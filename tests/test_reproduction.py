@@ -335,6 +335,21 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     assert copy.read_text().split(dsae.README_BEGIN, 1)[1].split(dsae.README_END, 1)[0] == section
 
 
+def test_study_log_reads_the_judged_epochs_of_the_study():
+    """study_log (notebook 06): one row per judged epoch of the named runs of figures/study.json, in %, whose last
+    row is the run's row of study_table; `epochs` keeps only those epochs."""
+    study = json.loads((dsae.ROOT / "figures" / "study.json").read_text())
+    log = dsae.study_log(study, ["full-32", "fact-32"])
+    judged = [r["epoch"] for r in study["full-32"]["history"] if "z kept: motion" in r]
+    assert list(log.loc["full-32"].index) == judged and len(judged) == 16
+    table = dsae.study_table(study)
+    for name in ("full-32", "fact-32"):
+        last = log.loc[(name, 32)]
+        for column in ("z kept: motion %", "f kept: skin %", "swap: motion of b %", "KL_z", "test -ELBO"):
+            assert last[column] == pytest.approx(table.loc[name, column])
+    assert list(dsae.study_log(study, ["full-32"], epochs=[16, 32]).index) == [("full-32", 16), ("full-32", 32)]
+
+
 def test_profile_comparison_puts_the_ablations_beside_the_paper_and_says_which_is_which():
     """profile_comparison: one row per profile and q with the metrics of record (means over seeds, in %), the
     motion split of the first seed, and "no" under the paper's model and objective for a profile beyond it."""
