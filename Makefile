@@ -1,4 +1,4 @@
-# make report : set up .venv if missing, run notebooks 01-05 with papermill into reports/ (HTML, reports/index.html);
+# make report : set up .venv if missing, run notebooks 01-06 with papermill into reports/ (HTML, reports/index.html);
 #               copies the cleaned notebooks and the figures back only when all succeeded and the profile is one of
 #               record (not smoke), or with RECORD=1. A failed run leaves the repository as it was.
 # make reproduce : train both q variants from scratch under runs/ (resuming if cut short), then the same report on

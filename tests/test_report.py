@@ -280,7 +280,8 @@ def test_index_shows_the_ablations_beside_the_paper_only_when_evaluated(tmp_path
         ("cpu-mirror", "full"): "no"}
     for q, run in metrics["runs"].items():  # a warm start's training time counts the file's, and so do its epochs
         assert table.loc[("cpu-mirror", q), "train min"] == pytest.approx((run["train seconds"] + 6000) / 60, abs=0.05)
-        assert f"| ours, `cpu-mirror`, {q} q, 32 + {run['epochs']} epochs |" in dsae.results_markdown(mirror)
+        assert f"| ours: `cpu-mirror`, {q} q, 32 + {run['epochs']} epochs, training seed 0, " in \
+            dsae.results_markdown(metrics, {"cpu-mirror": mirror})
 
 
 def test_report_copies_back_only_when_of_record_or_asked(tmp_path):

@@ -306,20 +306,37 @@ def test_committed_weights_hold_their_profile_and_fit_the_limit(profile, q_z):
 
 
 def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_path):
-    """The README's results section is results_markdown of figures/metrics.json, whose weights are the committed
-    files (same SHA-256); update_readme rewrites only what lies between the markers."""
+    """The README's results section is results_markdown of figures/metrics.json and its ablations': each row of its
+    table holds that row's numbers of the metrics files (read here without the writer) and names its profile, q
+    variant, epochs, training seed and weights file, whose SHA-256 is the committed file's and is listed in the
+    README; update_readme rewrites only what lies between the markers."""
     metrics = json.loads((dsae.ROOT / "figures" / "metrics.json").read_text())
     ablations = dsae.ablation_metrics("cpu")  # figures/<ablation>/metrics.json, shown after the paper's model
     readme = (dsae.ROOT / "README.md").read_text()
     section = readme.split(dsae.README_BEGIN, 1)[1].split(dsae.README_END, 1)[0]
-    assert section.strip().startswith(dsae.results_markdown(metrics).strip())
-    for name, ablation in ablations.items():
-        assert f"### Beyond the paper: profile `{name}`\n\n{dsae.get_profile(name).note}\n\n" \
-               f"{dsae.results_markdown(ablation)}" in section
-    for q, run in [r for m in (metrics, *ablations.values()) for r in m["runs"].items()]:
-        assert dsae.sha256(dsae.ROOT / run["checkpoint"]) == run["checkpoint sha256"], q
+    assert section.strip() == dsae.results_markdown(metrics, ablations).strip()
+    table = {line.split(" | ")[0].lstrip("| "): [float(v) for v in line.rstrip(" |").split(" | ")[1:]]
+             for line in section.splitlines() if line.startswith("| ours: ")}
+    published = metrics["published"]["DSVAE (published)"]
+    assert f"| DSVAE (published) | {published['accuracy %']:.4g} | {published['IS']:.4g} |" in section
+    results = {"cpu": metrics, **ablations}
+    assert len(table) == sum(len(m["runs"]) for m in results.values()) == 4
+    for profile, m in results.items():
+        for q, run in m["runs"].items():
+            epochs = f"{run['init']['epochs']} + {run['epochs']}" if run.get("init") else f"{run['epochs']}"
+            label = (f"ours: `{profile}`, {q} q, {epochs} epochs, training seed {run['config']['seed']}, "
+                     f"`{run['checkpoint']}`")
+            s = run["summary"]
+            expected = [100 * s["z kept: motion"]["mean"], s["z kept: IS"]["mean"],
+                        *(100 * s[f"f kept: {a}"]["mean"] for a in dsae.ATTRIBUTES)]
+            assert table[label] == pytest.approx(expected, abs=0.0051), label  # printed to 2 (IS: 3) decimals
+            assert dsae.sha256(dsae.ROOT / run["checkpoint"]) == run["checkpoint sha256"], label
+            assert f"`{run['checkpoint sha256'][:12]}`" in readme, label  # the weights table names its hash
+    bumped = json.loads(json.dumps(metrics))
+    bumped["runs"]["full"]["summary"]["f kept: skin"]["mean"] += 0.0001  # one number of the metrics moves by 0.01
+    assert dsae.results_markdown(bumped, ablations).strip() != section.strip()
     judges = {dsae.sha256(path) for path in dsae.WEIGHTS.glob("judge-*.pt")}
-    for m in (metrics, *ablations.values()):  # a judge recorded by the metrics of record is the committed one
+    for m in results.values():  # a judge recorded by the metrics of record is the committed one
         assert m["judge"].get("sha256") in judges | {None}
     judged = {**metrics, "judge": {**metrics["judge"], "sha256": "0123456789abcdef" * 4}}
     assert "(judge file SHA-256 `0123456789abcdef…`)" in dsae.results_markdown(judged)  # when it is recorded
@@ -333,6 +350,21 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     assert copy.read_text() == f"before\n{dsae.README_BEGIN}\n{dsae.results_markdown(metrics)}\n{dsae.README_END}\nafter\n"
     dsae.update_readme(tmp_path / "metrics.json", copy, ablations)
     assert copy.read_text().split(dsae.README_BEGIN, 1)[1].split(dsae.README_END, 1)[0] == section
+
+
+def test_study_log_reads_the_judged_epochs_of_the_study():
+    """study_log (notebook 06): one row per judged epoch of the named runs of figures/study.json, in %, whose last
+    row is the run's row of study_table; `epochs` keeps only those epochs."""
+    study = json.loads((dsae.ROOT / "figures" / "study.json").read_text())
+    log = dsae.study_log(study, ["full-32", "fact-32"])
+    judged = [r["epoch"] for r in study["full-32"]["history"] if "z kept: motion" in r]
+    assert list(log.loc["full-32"].index) == judged and len(judged) == 16
+    table = dsae.study_table(study)
+    for name in ("full-32", "fact-32"):
+        last = log.loc[(name, 32)]
+        for column in ("z kept: motion %", "f kept: skin %", "swap: motion of b %", "KL_z", "test -ELBO"):
+            assert last[column] == pytest.approx(table.loc[name, column])
+    assert list(dsae.study_log(study, ["full-32"], epochs=[16, 32]).index) == [("full-32", 16), ("full-32", 32)]
 
 
 def test_profile_comparison_puts_the_ablations_beside_the_paper_and_says_which_is_which():
