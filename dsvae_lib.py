@@ -1963,35 +1963,43 @@ def run_files(paths):
     return files
 
 
-def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True):
+def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True, fp32=False):
     """`evaluate_run` of training runs (folders holding checkpoint.pt, or checkpoint and weights files) read by the
-    judge of `profile`, without the latent probe; {"judge": ..., "runs": {name: record}} with each run named by its
-    folder (a file by its name without .pt). Written as JSON to `out` when given, under a lock: the runs already there
-    stay, and a run evaluated again replaces its entry, so a study's evaluations can grow run by run."""
+    judge of `profile`, without the latent probe (in fp32 with `fp32`, even where bf16 is native); {"judge": ...,
+    "runs": {name: record}} with each run named by its folder (a file by its name without .pt), merged into the JSON
+    file `out` when given (`merge_runs`), so a study's evaluations can grow run by run."""
     files = run_files(paths)
     device = pick_device()
     judge, test, head = _judge_protocol(profile, seeds, device, progress)
     head["judge"] = {"profile": profile, **head["judge"]}
+    models = {name: load_checkpoint(file, device) for name, file in files.items()}
+    for model, _ in models.values():
+        model.config.bf16 &= not fp32
+    merge_runs(out, head, {})  # a file of another protocol is refused before the long part
+    limit = head["test sequences"]  # the protocol's, as recorded
+    evaluated = {name: evaluate_run(*models[name], file, judge, test, seeds, limit, progress)
+                 for name, file in files.items()}
+    return merge_runs(out, head, evaluated)
 
-    def kept_runs():  # what `out` holds, if it was evaluated by the same protocol
-        kept = json.loads(out.read_text()) if out is not None and out.is_file() else {"runs": {}}
+
+def merge_runs(out, head, runs):
+    """{**head, "runs": ...}: `runs` added to those the JSON file `out` holds (a run again replaces its entry), written
+    atomically under a lock so that two processes can grow one file; `out` None: nothing is read or written. A file
+    whose head (what was read, and how: every key of `head`) differs is refused, unchanged, so that every row of one
+    file compares."""
+    if out is None:
+        return {**head, "runs": runs}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
         if kept["runs"] and {k: kept.get(k) for k in head} != json.loads(json.dumps(head, default=list)):
             raise ValueError(f"{out} holds evaluations with another judge, data, test sequences or seeds; write "
                              f"these to another file (--out) so that every row of one file compares")
-        return kept["runs"]
-
-    out = out and Path(out)
-    kept_runs()  # refused before the long part
-    limit = head["test sequences"]  # the protocol's, as recorded
-    evaluated = {name: evaluate_run(*load_checkpoint(file, device), file, judge, test, seeds, limit, progress)
-                 for name, file in files.items()}
-    if out is None:
-        return {**head, "runs": evaluated}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(f".{out.name}.lock"), "a") as lock:  # two evaluations merging into one file
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        result = {**head, "runs": {**kept_runs(), **evaluated}}
-        _atomic_write_text(out, json.dumps(result, indent=1, default=list))
+        result = {**kept, **head, "runs": {**kept["runs"], **runs}}
+        if runs:
+            _atomic_write_text(out, json.dumps(result, indent=1, default=list))
     return result
 
 
@@ -2764,15 +2772,21 @@ def main(argv=None):
     p = sub.add_parser("export", help="write the weights of record weights/<profile>-<q_z>.pt from a finished run")
     p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     p.add_argument("--q-z", default="factorised", choices=("factorised", "full"))
-    p = sub.add_parser("study", help="add training runs (their histories) to figures/study.json")
+    p = sub.add_parser("study", help="add training runs (their histories) to study/study.json")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding checkpoint.pt")
-    p.add_argument("--out", default=str(ROOT / "figures" / "study.json"))
+    p.add_argument("--out", default=str(STUDY / "study.json"))
     p = sub.add_parser("evaluate",
-                       help="judge-protocol metrics of training runs, added to figures/study-evaluations.json")
+                       help="judge-protocol metrics of training runs, added to study/study-evaluations.json")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding checkpoint.pt, or weights files")
     p.add_argument("--profile", choices=sorted(PROFILES), help="whose judge reads them; " + help_profile)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampling seeds (default: 0 1 2)")
-    p.add_argument("--out", default=str(ROOT / "figures" / "study-evaluations.json"))
+    p.add_argument("--fp32", action="store_true", help="evaluate in fp32 even where bf16 is native")
+    p.add_argument("--out", default=str(STUDY / "study-evaluations.json"))
+    p = sub.add_parser("diagnose", help="a diagnostic of the study (fp32) for runs, added to study/<kind>.json")
+    p.add_argument("kind", choices=sorted(DIAGNOSES))
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding checkpoint.pt, or weights files")
+    p.add_argument("--profile", choices=sorted(PROFILES), help="whose judge and test sequences; " + help_profile)
+    p.add_argument("--out", help="default: study/<kind>.json (latent-probe: study/latent-probe-fp32.json)")
     p = sub.add_parser("readme", help="rewrite the README's results section from the profile's metrics.json")
     p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     r = sub.add_parser("report", help="run the notebooks into reports/ (HTML, index.html); copy back when of record")
@@ -2807,12 +2821,16 @@ def _command(parser, args, profile):
         print(f"{args.out}: {len(study)} runs ({', '.join(study)})")
         return
     if args.command == "evaluate":
-        result = evaluate_runs(args.runs, profile, args.out, tuple(args.seeds))
+        result = evaluate_runs(args.runs, profile, args.out, tuple(args.seeds), fp32=args.fp32)
         keys = ("z kept: motion", "z kept: IS", *(f"f kept: {a}" for a in ATTRIBUTES), "recon: skin", "recon: pants")
         for name in run_files(args.runs):
             summary = result["runs"][name]["summary"]
             print(name, "  ".join(f"{k} {summary[k]['mean'] * (1 if 'IS' in k else 100):.2f}" for k in keys))
         print(f"{args.out}: {len(result['runs'])} runs")
+        return
+    if args.command == "diagnose":
+        out = args.out or STUDY / f"{args.kind}{'-fp32' if args.kind == 'latent-probe' else ''}.json"
+        print(f"{out}: {len(diagnose(args.kind, args.runs, out, profile)['runs'])} runs")
         return
     if args.command == "readme":
         if not get_profile(profile).of_record:
@@ -3077,7 +3095,44 @@ def code_separation(model, data: Sprites, attribute="pants", limit=2700, batch_s
     return pd.DataFrame(rows).T.rename_axis([f"{attribute} a", f"{attribute} b"])
 
 
+DIAGNOSES = {  # `dsvae diagnose KIND RUN...`: what each diagnostic file of study/ holds, as its "what" says it
+    "motion-source": "dsvae_lib.motion_source(model, judge, load_sprites('test'), seed=0): the swap (f of a, z of b), "
+                     "the motion read with z's value, f's or neither, over the pairs that differ in it",
+    "kl-per-step": 'dsvae_lib.kl_per_step(model, load_sprites("test")): mean KL(q(z_t)||p(z_t|z_<t)) per step and KL_f, '
+                   'nats per sequence, by action',
+    "latent-probe": "dsvae_lib.latent_probe(model, load_sprites('train'), load_sprites('test'), stages=True): test "
+                    "accuracy % of a linear read-out fitted on the codes of the first probe_limit training sequences; "
+                    "'f sample' scores f's read-out on one sample of q(f|x) per test sequence (seed 0); 'h' reads the "
+                    "encoder's features of the frames as they are, averaged over t"}
+
+
+def diagnose(kind, paths, out=None, profile="cpu", fp32=True, progress=True):
+    """A diagnostic of DIAGNOSES for each run folder or weights file of `paths`, on all the test sequences of
+    `profile`'s judge protocol (sampling seed 0), in fp32 unless `fp32` is False: {"what", "data", "test sequences",
+    ..., "runs": {name: {"file", "sha256", "table"}}}, merged into the JSON file `out` (`merge_runs`)."""
+    device = pick_device()
+    judge, test, protocol = _judge_protocol(profile, (0,), device, progress)
+    n, probe_limit = protocol["test sequences"], get_profile(profile).probe_limit
+    head = {"what": DIAGNOSES[kind], "data": protocol["data"], "test sequences": n,
+            **({"probe_limit": probe_limit} if kind == "latent-probe" else {"sampling seed": 0}),
+            **({"judge sha256": judge.sha256} if kind == "motion-source" else {})}
+    runs = {}
+    for name, file in run_files(paths).items():
+        model, _ = load_checkpoint(file, device)
+        model.config.bf16 &= not fp32
+        table = (motion_source(model, judge, test, n) if kind == "motion-source" else
+                 kl_per_step(model, test, n) if kind == "kl-per-step" else
+                 latent_probe(model, load_sprites("train"), test, probe_limit, n, stages=True))
+        table = table.to_dict("dict" if kind == "kl-per-step" else "index")  # kl-per-step: {group: {step: nats}}
+        runs[name] = {"file": _shown_path(file), "sha256": sha256(file), "table": table,
+                      "arithmetic": f"{arithmetic(device, model.config.bf16)} ({processor_name(device.type)})"}
+    return merge_runs(out, head, runs)
+
+
 # ----------------------------------------------------------------------------- beyond the paper: the study's data
+STUDY = ROOT / "study"  # the study's data; study/README.md gives the command that writes each file
+
+
 def collect_study(run_dirs, out=None, keep=True):
     """{name: {config, parameters, history, commit}} of the study's runs (folders holding metrics.json and
     checkpoint.pt); written as JSON to `out` when given, so the report shows the study without its checkpoints. With

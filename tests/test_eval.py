@@ -1,5 +1,6 @@
 """The judge and the disentanglement metrics (smoke profile, real Sprites data)."""
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -339,3 +340,28 @@ def test_colour_readout_reads_the_colour_drawn_where_each_layer_shows(test_split
     assert max(accuracy.values()) <= 100 * max(np.bincount(test_split.attributes[:n, i]).max() / n for i in (0, 1))
     with pytest.raises(ValueError, match="'shoes' is not one of the Sprites attributes"):
         dsae.colour_readout(real, test_split, attributes=("skin", "shoes"), sheets=sheets_dir)
+
+
+def test_diagnose_writes_the_study_file_of_a_diagnostic_and_grows_it(smoke_run, tmp_path, capsys):
+    """`dsvae diagnose KIND RUN...` (the command behind study/kl-per-step.json, motion-source.json and
+    latent-probe-fp32.json): the diagnostic's table of each run in fp32, named by its file and SHA-256, under the
+    head that says what was read; a second run joins the file, and a file of another protocol is refused."""
+    config, _ = smoke_run
+    checkpoint = config.path / "checkpoint.pt"
+    out = tmp_path / "kl.json"
+    dsae.main(["diagnose", "kl-per-step", str(checkpoint), "--profile", "smoke", "--out", str(out)])
+    got = json.loads(out.read_text())
+    model, _ = dsae.load_checkpoint(checkpoint)
+    model.config.bf16 = False
+    table = dsae.kl_per_step(model, dsae.load_sprites("test"), 270)
+    assert got["runs"]["checkpoint"]["table"] == json.loads(json.dumps(table.to_dict()))  # {group: {step: nats}}
+    assert got["what"] == dsae.DIAGNOSES["kl-per-step"] and got["test sequences"] == 270
+    assert got["runs"]["checkpoint"]["sha256"] == dsae.sha256(checkpoint)
+    assert got["runs"]["checkpoint"]["arithmetic"].startswith("fp32 (")
+    weights = dsae.export_weights(checkpoint, tmp_path / "w.pt")
+    dsae.main(["diagnose", "kl-per-step", str(weights), "--profile", "smoke", "--out", str(out)])
+    assert list(json.loads(out.read_text())["runs"]) == ["checkpoint", "w"]
+    before = out.read_bytes()
+    with pytest.raises(SystemExit):
+        dsae.main(["diagnose", "motion-source", str(weights), "--profile", "smoke", "--out", str(out)])
+    assert "another judge, data" in capsys.readouterr().err and out.read_bytes() == before

@@ -353,9 +353,9 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
 
 
 def test_study_log_reads_the_judged_epochs_of_the_study():
-    """study_log (notebook 06): one row per judged epoch of the named runs of figures/study.json, in %, whose last
+    """study_log (notebook 06): one row per judged epoch of the named runs of study/study.json, in %, whose last
     row is the run's row of study_table; `epochs` keeps only those epochs."""
-    study = json.loads((dsae.ROOT / "figures" / "study.json").read_text())
+    study = json.loads((dsae.STUDY / "study.json").read_text())
     log = dsae.study_log(study, ["full-32", "fact-32"])
     judged = [r["epoch"] for r in study["full-32"]["history"] if "z kept: motion" in r]
     assert list(log.loc["full-32"].index) == judged and len(judged) == 16
