@@ -1,6 +1,7 @@
 # make report : set up .venv if missing, run notebooks 01-06 with papermill into reports/ (HTML, reports/index.html);
 #               copies the cleaned notebooks and the figures back only when all succeeded and the profile is one of
-#               record (not smoke), or with RECORD=1. A failed run leaves the repository as it was.
+#               record (not smoke), or with RECORD=1. A failed run leaves the repository as it was. Evaluations
+#               stored in figures/ are reused when their key matches (and spot-checked); FRESH=1 recomputes them.
 # make reproduce : train both q variants from scratch under runs/ (resuming if cut short), then the same report on
 #                  them instead of the committed weights; copied back only with RECORD=1 (weights/ is never touched)
 # make test   : same set-up, then every test (unit tests, papermill and browser tests, nbval over the notebooks
@@ -11,6 +12,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?=
 RECORD ?=
+FRESH ?=
 
 .PHONY: report reproduce test data venv clean
 venv: $(VENV)/.installed
@@ -27,7 +29,8 @@ data: venv
 	$(VENV)/bin/dsvae data
 
 report: venv
-	$(VENV)/bin/dsvae report $(if $(PROFILE),--profile $(PROFILE)) $(if $(filter 1 yes true,$(RECORD)),--record)
+	$(VENV)/bin/dsvae report $(if $(PROFILE),--profile $(PROFILE)) $(if $(filter 1 yes true,$(RECORD)),--record) \
+	  $(if $(filter 1 yes true,$(FRESH)),--fresh)
 
 reproduce: venv data  # train both q variants from scratch (or resume them) under runs/, then report on them
 	$(VENV)/bin/dsvae train $(if $(PROFILE),--profile $(PROFILE)) --set q_z=factorised

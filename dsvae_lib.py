@@ -2003,11 +2003,13 @@ def merge_runs(out, head, runs):
     return result
 
 
-def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=True):
+def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=True, fresh=False):
     """Judge accuracy and every metric for each trained q variant of `profile` (its weights of record when
     `weights` and committed, else its runs under runs/); written as JSON to `out` (default: metrics.json in
     figures_dir(profile)).
 
+    The profile's metrics.json of record is the cache: a stored run whose `evaluation_key` matches is reused unless
+    `fresh`, and every run, reused or computed, passes `spot_check`. Each run says where its numbers come from.
     Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std, "confusions ...",
     "latent probe %": {code: {head: accuracy %}} (latent_probe)}}}.
     """
@@ -2024,16 +2026,102 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
                              f"folder of profile {profile!r} with q_z={q!r}; move it to the folder of its own run "
                              f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
     judge, test, head = _judge_protocol(profile, seeds, device, progress)
-    train_data = load_sprites("train")
+    record_file = ROOT / get_profile(profile).figures / "metrics.json"
+    stored = {} if fresh or not record_file.is_file() else json.loads(record_file.read_text())["runs"]
     result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
-    limit = head["test sequences"]  # the protocol's, as recorded
     for q, path in runs.items():
-        result["runs"][q] = evaluate_run(*loaded[q], path, judge, test, seeds, limit, progress, train_data,
-                                         get_profile(profile).probe_limit)
+        key = evaluation_key(path, judge, head, get_profile(profile).probe_limit)
+        record = stored.get(q) if (stored.get(q) or {}).get("evaluation key") == key else None
+        print(f"q(z) {q}: " + (f"the stored evaluation in {_shown_path(record_file)} (computed on "
+                                 f"{record['processor']} in {record['arithmetic']} at commit {record['commit']})"
+                                 if record else f"{_shown_path(path)} evaluated now"), flush=True)
+        if record is None:
+            record = {**evaluate_run(*loaded[q], path, judge, test, seeds, head["test sequences"], progress,
+                                     load_sprites("train"), get_profile(profile).probe_limit),
+                      "evaluation key": key, "commit": git_commit(),
+                      "spot check": {**SPOT_CHECK, "row": spot_row(loaded[q][0], judge, test)}}
+            record = json.loads(json.dumps(record, default=list))  # as the file will hold it
+            record["digest"] = _digest(record)
+        else:  # what the cache holds must still be what the weights give
+            print("  " + spot_check(record, loaded[q][0], judge, test, record_file), flush=True)
+        result["runs"][q] = record
     out = Path(out or figures_dir(profile) / "metrics.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(out, json.dumps(result, indent=1, default=list))
     return result
+
+
+EVALUATION_CODE = ("evaluate", "evaluate_run", "latent_probe", "_encoder_stages", "encode_all", "encode_posteriors",
+                   "_decode_all", "judge_probs", "inception_score", "balanced_subset", "swap_partners",
+                   "motion_breakdown", "summarise", "to_model_input", "_autocast", "load_checkpoint", "DSAE",
+                   "FrameEncoder", "ContentPosterior", "FactorisedDynamicsPosterior", "FullDynamicsPosterior",
+                   "DynamicsPrior", "Decoder", "Gaussian", "reparameterize", "content_views", "Judge")
+
+
+def evaluation_code(names=EVALUATION_CODE):
+    """The version of the code that computes an evaluation: 12 hex digits of the SHA-256 of the syntax trees of the
+    module's functions and classes `names`, docstrings dropped, so that editing any of them makes every stored
+    evaluation stale, and editing a docstring or anything else does not."""
+    import ast
+    import inspect
+    import textwrap
+    digest = hashlib.sha256()
+    for name in names:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(globals()[name])))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None:
+                node.body = node.body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()[:12]
+
+
+def evaluation_key(path, judge, head, probe_limit):
+    """What determines an evaluation of the weights file or checkpoint at `path`: its SHA-256, the judge's, the data
+    version, the test sequences, the sampling seeds, the latent probe's training sequences and the code version."""
+    return {"weights sha256": sha256(path), "judge sha256": judge.sha256, "data": head["data"],
+            "test sequences": head["test sequences"], "seeds": list(head["seeds"]), "probe_limit": probe_limit,
+            "code": evaluation_code()}
+
+
+SPOT_CHECK = {"sequences": 270, "seed": 0, "tolerance points": 1.5}  # 30 characters x 9 motions; see spot_check
+
+
+def spot_row(model, judge, test):
+    """The metrics of `evaluate` with the spot check's sampling seed on the first SPOT_CHECK["sequences"] test
+    sequences: one row."""
+    rows, _ = evaluate(model, judge, test, seeds=(SPOT_CHECK["seed"],), limit=SPOT_CHECK["sequences"], progress=False)
+    return rows[0]
+
+
+def spot_check(record, model, judge, test, source):
+    """Verify a stored run: its digest (no number changed since it was computed), then its spot row (`spot_row`),
+    recomputed, against the stored one, accuracy by accuracy; EvaluationError naming the file, the metric and the
+    fix when the digest differs or an accuracy by more than the tolerance, else a line that says how close it came.
+    The tolerance, 1.5 points, is twice the largest difference that bf16 against fp32 arithmetic made on these
+    sequences (0.74 points, benchmarks/README.md), and below the 2 points of an edited number."""
+    if record.get("digest") != _digest(record):
+        raise EvaluationError(f"{_shown_path(source)}: a stored evaluation was changed after it was computed (its "
+                              f"digest no longer matches); rerun it from scratch (make report FRESH=1)")
+    now, then = spot_row(model, judge, test), record["spot check"]["row"]
+    gaps = {k: 100 * abs(now[k] - then[k]) for k in then if ":" in k and "IS" not in k and "H(y" not in k}
+    worst = max(gaps, key=gaps.get)
+    line = (f"spot check (sampling seed {SPOT_CHECK['seed']}, first {SPOT_CHECK['sequences']} test sequences, "
+            f"{arithmetic(model.device, model.config.bf16)}): largest difference from the stored numbers "
+            f"{gaps[worst]:.2f} points ({worst}); tolerance {SPOT_CHECK['tolerance points']}")
+    if gaps[worst] > SPOT_CHECK["tolerance points"]:
+        raise EvaluationError(f"{_shown_path(source)}: {line}. The stored evaluation is stale or wrong: rerun it "
+                              f"from scratch (make report FRESH=1, or evaluate_profile(..., fresh=True)).")
+    return line
+
+
+def _digest(record):
+    """SHA-256 of an evaluation record's JSON, its own digest left out: what `spot_check` verifies first."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()
+
+
+class EvaluationError(RuntimeError):
+    """A stored evaluation disagrees with what its spot check recomputes."""
 
 
 # ----------------------------------------------------------------------------- figures
@@ -2588,7 +2676,7 @@ def _export_html(notebook, folder):
         atomic_write(Path(folder) / sub / f"{Path(notebook).stem}.html", body)
 
 
-def run_report(profile=None, record=False, notebooks=None, out=None, progress=True, weights=True):
+def run_report(profile=None, record=False, notebooks=None, out=None, progress=True, weights=True, fresh=False):
     """Run the notebooks with papermill and publish them into `out` (reports/): executed and cleaned notebooks,
     HTML with and without code, figures/ and index.html. With `weights` the notebooks use the committed weights of
     record where present (no training); weights=False uses, or trains, the runs under runs/ (`make reproduce`),
@@ -2613,7 +2701,7 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
         for i, nb in enumerate(notebooks):
             print(f"[{i + 1}/{len(notebooks)}] {nb.name} (profile {profile})", flush=True)
             try:
-                params = {"profile": profile, **({} if weights else {"weights": False})}
+                params = {"profile": profile, **({} if weights else {"weights": False}), **({"fresh": True} if fresh else {})}
                 pm.execute_notebook(str(nb), str(stage / nb.name), parameters=params, cwd=str(nb.parent),
                                     progress_bar=progress)
             except Exception as e:
@@ -2792,6 +2880,7 @@ def main(argv=None):
     r = sub.add_parser("report", help="run the notebooks into reports/ (HTML, index.html); copy back when of record")
     r.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     r.add_argument("--record", action="store_true", help="copy notebooks and figures back even for smoke")
+    r.add_argument("--fresh", action="store_true", help="recompute every evaluation instead of reusing stored ones")
     r.add_argument("--no-weights", action="store_true",
                    help="use (or train) the runs under runs/ instead of the committed weights of record")
     args = parser.parse_args(argv)
@@ -2849,7 +2938,7 @@ def _command(parser, args, profile):
         return
     if args.command == "report":
         try:
-            run_report(profile, record=args.record, weights=not args.no_weights)
+            run_report(profile, record=args.record, weights=not args.no_weights, fresh=args.fresh)
         except ReportError as e:
             raise SystemExit(f"report failed: {e}")
         return
@@ -2889,7 +2978,7 @@ def training_views(config, batches, idx, generator, x):
     return content_views(config, x, batches.partners(idx, generator)) if config.f_partner else None
 
 
-def evaluate_ablations(profile, seeds=(0, 1, 2), progress=True, weights=True):
+def evaluate_ablations(profile, seeds=(0, 1, 2), progress=True, weights=True, fresh=False):
     """`evaluate_profile` of each ablation of `profile`, written to <figures_dir(profile)>/<ablation>/metrics.json
     (not to the ablation's own figures_dir, which a report stages into the profile's), so that a report keeps them
     beside its own; {ablation: result}. With `weights`, only ablations whose every trained q has its committed
@@ -2902,7 +2991,7 @@ def evaluate_ablations(profile, seeds=(0, 1, 2), progress=True, weights=True):
                              f"profile's judge, test_limit and probe_limit so that their metrics compare")
         runs = trained_runs(a, weights)
         if runs and (not weights or all(path == weights_path(a, q) for q, path in runs.items())):
-            results[a] = evaluate_profile(a, seeds, figures_dir(profile) / a / "metrics.json", progress, weights)
+            results[a] = evaluate_profile(a, seeds, figures_dir(profile) / a / "metrics.json", progress, weights, fresh)
     return results
 
 

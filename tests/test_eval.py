@@ -365,3 +365,99 @@ def test_diagnose_writes_the_study_file_of_a_diagnostic_and_grows_it(smoke_run, 
     with pytest.raises(SystemExit):
         dsae.main(["diagnose", "motion-source", str(weights), "--profile", "smoke", "--out", str(out)])
     assert "another judge, data" in capsys.readouterr().err and out.read_bytes() == before
+
+
+@pytest.fixture(scope="module")
+def smoke_metrics_of_record(smoke_run, tmp_path_factory):
+    """metrics.json of the shared smoke run (sampling seed 0), evaluated once as a profile's record."""
+    import dataclasses
+    folder = tmp_path_factory.mktemp("record")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(dsae.PROFILES, "smoke", dataclasses.replace(dsae.get_profile("smoke"), figures=str(folder)))
+        mp.setenv("DSVAE_FIGURES", str(folder))
+        dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
+    return (folder / "metrics.json").read_text()
+
+
+@pytest.fixture
+def smoke_record(smoke_metrics_of_record, tmp_path, monkeypatch):
+    """The smoke profile with that metrics.json as its record in a temp folder; evaluate_run counted, the code
+    version held (patching evaluate_run is itself an edit of the evaluation code): (figures folder, calls)."""
+    import dataclasses
+    monkeypatch.setitem(dsae.PROFILES, "smoke", dataclasses.replace(dsae.get_profile("smoke"), figures=str(tmp_path)))
+    monkeypatch.setenv("DSVAE_FIGURES", str(tmp_path))
+    (tmp_path / "metrics.json").write_text(smoke_metrics_of_record)
+    version, evaluate_run, calls = dsae.evaluation_code(), dsae.evaluate_run, []
+    monkeypatch.setattr(dsae, "evaluation_code", lambda names=None: version)
+    monkeypatch.setattr(dsae, "evaluate_run", lambda *a, **k: calls.append(a[2]) or evaluate_run(*a, **k))
+    return tmp_path, calls
+
+
+def test_a_stored_evaluation_is_reused_says_so_and_passes_its_spot_check(smoke_record, capsys, monkeypatch):
+    folder, calls = smoke_record
+    stored = json.loads((folder / "metrics.json").read_text())
+    capsys.readouterr()
+    again = dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
+    out = capsys.readouterr().out
+    assert calls == [] and again["runs"] == stored["runs"]
+    assert f"the stored evaluation in {folder / 'metrics.json'}" in out and "at commit" in out
+    assert "largest difference from the stored numbers 0.00 points" in out  # same CPU, same arithmetic
+    run = stored["runs"]["factorised"]
+    monkeypatch.setattr(dsae, "evaluate_run", lambda *a, **k: calls.append(a[2]) or dict(run))  # its computation
+    dsae.evaluate_profile("smoke", seeds=(0,), progress=False, fresh=True)  # make report FRESH=1 recomputes
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("field", ["weights sha256", "judge sha256", "data", "test sequences", "seeds", "code"])
+def test_a_stale_evaluation_is_recomputed_when_any_part_of_its_key_changes(smoke_record, field, monkeypatch):
+    folder, calls = smoke_record
+    path = folder / "metrics.json"
+    stored = json.loads(path.read_text())
+    run = stored["runs"]["factorised"]
+    run["evaluation key"][field] = "something else"
+    path.write_text(json.dumps(stored))
+    monkeypatch.setattr(dsae, "evaluate_run", lambda *a, **k: calls.append(a[2]) or dict(run))  # what it computes
+    monkeypatch.setattr(dsae, "spot_row", lambda *a: run["spot check"]["row"])  # is not the point here
+    again = dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
+    assert len(calls) == 1 and again["runs"]["factorised"]["evaluation key"][field] != "something else"
+
+
+def test_the_evaluation_code_version_follows_the_code_and_not_its_docstrings(monkeypatch):
+    version = dsae.evaluation_code()
+    assert set(dsae.EVALUATION_CODE) <= set(vars(dsae)) and len(version) == 12
+
+    def summarise(rows):
+        """Another docstring."""
+        import pandas as pd
+        df = pd.DataFrame(rows).drop(columns="seed")
+        return pd.DataFrame({"mean": df.mean(), "std": df.std(ddof=1) if len(df) > 1 else 0.0})
+
+    monkeypatch.setattr(dsae, "summarise", summarise)  # the same code, another docstring
+    assert dsae.evaluation_code() == version
+
+    def summarise(rows):  # noqa: F811 (an edited evaluation: another spread)
+        import pandas as pd
+        df = pd.DataFrame(rows).drop(columns="seed")
+        return pd.DataFrame({"mean": df.mean(), "std": df.std(ddof=0)})
+
+    monkeypatch.setattr(dsae, "summarise", summarise)
+    assert dsae.evaluation_code() != version
+
+
+@pytest.mark.parametrize("edit", ["spot check", "headline"])
+def test_a_stored_evaluation_edited_by_two_points_fails_loudly(smoke_record, edit):
+    folder, calls = smoke_record
+    path = folder / "metrics.json"
+    stored = json.loads(path.read_text())
+    run = stored["runs"]["factorised"]
+    if edit == "spot check":  # the stored numbers the spot check recomputes, and the digest made to match
+        run["spot check"]["row"]["z kept: motion"] += 0.02
+        run["digest"] = dsae._digest(run)
+        match = r"largest difference from the stored numbers 2\.00 points \(z kept: motion\); tolerance"
+    else:  # a headline number
+        run["summary"]["z kept: motion"]["mean"] += 0.02
+        match = "changed after it was computed"
+    path.write_text(json.dumps(stored))
+    with pytest.raises(dsae.EvaluationError, match=match):
+        dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
+    assert calls == []
