@@ -129,8 +129,13 @@ def _is_device(v):
 
 _POSITIVE = ("f_dim", "z_dim", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden", "epochs",
              "batch_size", "train_limit", "eval_limit", "judge_limit")
+# upper bounds of the counts, so that a typo (epochs=1e9) is refused rather than started: the splits hold 9000
+# training and 2664 test sequences; the paper trains 200 epochs
+_AT_MOST = {"epochs": 10_000, "batch_size": 9000, "train_limit": 9000, "eval_limit": 2664, "judge_limit": 2664}
 _ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fields are checked by type only
     **{k: (lambda v: v >= 1, ">= 1") for k in _POSITIVE},
+    **{k: (lambda v, most=most: 1 <= v <= most, f">= 1 and <= {most}") for k, most in _AT_MOST.items()},
+    **{k: (lambda v: v.strip() != "", "a non-empty path") for k in ("run_dir", "init")},  # "" is no folder or file
     "lr": (lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
     "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
@@ -272,6 +277,48 @@ def parse_overrides(overrides):
     if not isinstance(overrides, dict):
         raise ValueError(f"overrides must be a dict or a JSON object of Config fields, not {overrides!r}")
     return dict(overrides)
+
+
+def _parses(parse):
+    """A test: whether `parse` takes the value without a ValueError."""
+    def test(value):
+        try:
+            parse(value)
+        except ValueError:
+            return False
+        return True
+    return test
+
+
+_PARAMETERS = {  # notebook parameter -> (test, what is allowed); one named as a Config field is checked as that field
+    "profile": (lambda v: v is None or v in PROFILES, f"None or one of {sorted(PROFILES)}"),
+    "overrides": (_parses(parse_overrides),
+                  "a dict of Config fields or a JSON object string such as '{\"epochs\": 1}'"),
+    "weights": (lambda v: isinstance(v, bool), "True or False"),
+    "seeds": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32 for s in v),
+              "a non-empty list of integers >= 0 such as [0, 1, 2] (papermill: -y 'seeds: [0, 1, 2]')"),
+    "embedding_method": (lambda v: v in ("pca", "tsne"), "'pca' or 'tsne'"),
+}
+
+
+def check_parameters(**params):
+    """Check a notebook's parameters (papermill's -p/-y values) before it does any work: one ValueError naming each
+    bad parameter, its value and what is allowed. Those of _PARAMETERS are checked by their rule, one named as a
+    Config field (q_z, epochs, ...) as that field; any other is left to the notebook."""
+    errors = []
+    for name, value in params.items():
+        if name in _PARAMETERS:
+            test, allowed = _PARAMETERS[name]
+            if not test(value):
+                errors.append(f"{name} must be {allowed}, not {value!r}")
+        elif name in Config.__dataclass_fields__:
+            try:
+                _checked(name, Config.__dataclass_fields__[name].type, value)
+            except ValueError as e:
+                errors.append(f"{name} must be {e}, not {value!r}")
+    if errors:
+        raise ValueError("invalid notebook parameter(s): " + "; ".join(errors))
 
 
 # ----------------------------------------------------------------------------- data: the protocol

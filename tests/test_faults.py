@@ -260,7 +260,8 @@ def test_stale_temporary_build_of_a_killed_builder_is_cleaned(tmp_path, copy_she
     ("epochs", "abc", "integer >= 1"), ("lr", -1, "> 0"), ("lr", float("nan"), "> 0"), ("epochs", 2.5, "integer"),
     ("bf16", "maybe", "true or false"), ("betas", (0.9,), "two numbers"), ("device", "gpu", "cuda"),
     ("q_z", "lstm", "'factorised' or 'full'"), ("f_shuffle", 6, "a divisor of the frame's side 64"),
-    ("f_shuffle", 64, "a divisor of the frame's side 64 below it")])
+    ("f_shuffle", 64, "a divisor of the frame's side 64 below it"), ("epochs", 1e9, "integer >= 1 and <= 10000"),
+    ("batch_size", 10 ** 6, "<= 9000"), ("eval_limit", 5000, "<= 2664"), ("run_dir", "", "a non-empty path")])
 def test_bad_config_value_is_one_clear_error(field, value, allowed):
     with pytest.raises(ValueError) as err:
         dsae.make_config("smoke", **{field: value})
@@ -272,7 +273,8 @@ def test_config_values_are_coerced_and_the_command_line_writes_nothing_when_bad(
     config = dsae.make_config("smoke", epochs="3", lr="1e-3", train_limit=50.0, run_dir=tmp_path / "r")
     assert (config.epochs, config.lr, config.train_limit, config.run_dir) == (3, 1e-3, 50, str(tmp_path / "r"))
     assert type(config.epochs) is int and type(config.lr) is float
-    for bad in ("epochs=-1", "batch_size=0", "train_limit=0", "epochs=abc", "lr=-1", f"init={tmp_path}/none.pt"):
+    for bad in ("epochs=-1", "batch_size=0", "train_limit=0", "epochs=abc", "lr=-1", f"init={tmp_path}/none.pt",
+                "epochs=1e9"):
         run = tmp_path / bad.replace("=", "_").replace("/", "_")
         out = cli("train", "--profile", "smoke", "--set", f"run_dir={run}", bad)
         assert out.returncode != 0 and bad.split("=")[0] in out.stderr and "Traceback" not in out.stderr, out.stderr
@@ -404,3 +406,55 @@ def test_kill_9_at_any_point_then_resume_gives_identical_weights_and_history(tmp
     assert without_wall_time(json.loads((run / "metrics.json").read_text())) == without_wall_time(got["history"])
     assert sorted(p.name for p in run.iterdir() if p.name != "final.pt") == \
            sorted(p.name for p in (tmp_path / "reference").iterdir())  # no temporary file left
+
+
+# ============================================================================= faults, round two
+def module_copy(tmp_path):
+    """dsvae_lib.py alone in tmp_path/repo: ROOT is there, with no ../shared/sprites-lpc, data/ or runs/ beside it."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copyfile(ROOT / "dsvae_lib.py", repo / "dsvae_lib.py")
+    return repo / "dsvae_lib.py"
+
+
+# ----------------------------------------------------------------------------- 9. notebook parameters
+def test_a_bad_notebook_parameter_stops_the_notebook_at_once_naming_it(tmp_path):
+    """papermill -p seeds abc on notebook 04 fails in the first cell after the parameters, before the judge or any
+    data is loaded, naming the parameter."""
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "papermill", str(dsae.NOTEBOOKS / "04_evaluation.ipynb"),
+                          str(tmp_path / "04.ipynb"), "-p", "profile", "smoke", "-p", "seeds", "abc",
+                          "--cwd", str(dsae.NOTEBOOKS)], env=ENV, capture_output=True, text=True, timeout=300)
+    print(f"papermill failed after {time.perf_counter() - t0:.1f} s")
+    assert run.returncode != 0
+    code = [c for c in json.loads((tmp_path / "04.ipynb").read_text())["cells"] if c["cell_type"] == "code"]
+    errors = [(i, o) for i, c in enumerate(code) for o in c.get("outputs", []) if o["output_type"] == "error"]
+    assert [i for i, _ in errors] == [2], errors  # parameters, papermill's injected cell, then the first cell
+    assert errors[0][1]["ename"] == "ValueError" and "seeds must be a non-empty list of integers >= 0" in \
+        errors[0][1]["evalue"] and "'abc'" in errors[0][1]["evalue"]
+
+
+@pytest.mark.parametrize("name, value, allowed", [
+    ("seeds", "abc", "a non-empty list of integers >= 0"), ("seeds", [], "non-empty"), ("seeds", [0, -1], ">= 0"),
+    ("seeds", 3, "list"), ("q_z", "lstm", "'factorised' or 'full'"), ("profile", "bogus", "one of"),
+    ("weights", "yes", "True or False"), ("overrides", "{epochs: 1}", "JSON object"),
+    ("embedding_method", "umap", "'pca' or 'tsne'"), ("epochs", "1e9", "<= 10000")])
+def test_notebook_parameters_are_checked_by_name(name, value, allowed):
+    with pytest.raises(ValueError) as err:
+        dsae.check_parameters(**{name: value})
+    assert f"{name} must be" in str(err.value) and allowed in str(err.value) and repr(value) in str(err.value)
+    dsae.check_parameters(profile=None, q_z="full", overrides='{"epochs": 1}', weights=False, seeds=(0, 1),
+                          embedding_method="tsne", title="any parameter not known here")
+
+
+# ----------------------------------------------------------------------------- a user's slips
+def test_an_empty_run_dir_is_refused_and_nothing_is_written(tmp_path, sheets_dir):
+    with pytest.raises(ValueError, match="run_dir must be None or a non-empty path, not ''"):
+        dsae.make_config("smoke", run_dir="")
+    module = module_copy(tmp_path)  # its default run folder: tmp_path/repo/runs/smoke-factorised
+    out = subprocess.run([sys.executable, str(module), "train", "--profile", "smoke", "--set", "run_dir=", "epochs=1",
+                          "train_limit=25"], env={**ENV, "DSVAE_SHEETS": str(sheets_dir), "DSVAE_CACHE":
+                                                  str((ROOT / "data").resolve())}, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "run_dir must be None or a non-empty path" in out.stderr, out.stderr
+    assert not (module.parent / "runs").exists()
