@@ -457,9 +457,8 @@ def download_sheets(dest=None, url=SPRITES_URL):
     dest = Path(dest or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsvae-repro"
                 / f"sheets-{SPRITES_COMMIT[:12]}")
     todo = [rel for rel, h in SHEET_SHA256.items() if not ((dest / rel).is_file() and sha256(dest / rel) == h)]
-    for rel in tqdm(todo, desc="download sheets", disable=not todo):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+    for rel in tqdm(todo, desc="download sheets", disable=not todo, delay=1):  # no bar when it fails at once
+        target = dest / rel  # its folder is made by atomic_write, once the sheet is verified
         with urllib.request.urlopen(url.format(path=rel), timeout=60) as response:
             payload = response.read()
         got = hashlib.sha256(payload).hexdigest()
@@ -472,7 +471,8 @@ def download_sheets(dest=None, url=SPRITES_URL):
 
 
 def find_sheets(sheets=None):
-    """Sheets folder: `sheets`, else $DSVAE_SHEETS, else ../shared/sprites-lpc, else a verified download."""
+    """Sheets folder: `sheets`, else $DSVAE_SHEETS, else ../shared/sprites-lpc, else a verified download; SheetError
+    saying where sheets are looked for and how to provide them when the download fails (no network, say)."""
     for candidate in (sheets, os.environ.get("DSVAE_SHEETS")):
         if candidate:
             if not Path(candidate).is_dir():
@@ -480,7 +480,16 @@ def find_sheets(sheets=None):
                                  f"it to download the sheets.")
             return Path(candidate)
     shared = ROOT.parent / "shared" / "sprites-lpc"
-    return shared if shared.is_dir() else download_sheets()
+    if shared.is_dir():
+        return shared
+    try:
+        return download_sheets()
+    except OSError as e:  # urllib.error.URLError included: no network, proxy or DNS
+        raise SheetError(f"no sprite sheets found, and downloading them failed ({type(e).__name__}: {e}). Sheets "
+                         f"are looked for in `sheets=`, then $DSVAE_SHEETS (unset), then {shared} (missing), then "
+                         f"downloaded from {SPRITES_URL.format(path='<sheet>')}. Provide them: clone "
+                         f"https://github.com/{SPRITES_REPO} at commit {SPRITES_COMMIT[:7]} and point `sheets=` or "
+                         f"DSVAE_SHEETS at it (or put it at {shared}), or retry with network access.") from None
 
 
 def atomic_write(path, payload):
@@ -509,7 +518,12 @@ def atomic_write(path, payload):
 # ----------------------------------------------------------------------------- data: the build
 def _motion_strip(path):
     """One layer's 9 motions x 8 frames as an RGBA strip of 72 cells (64 x 4608), cropped by PROTOCOL.md."""
-    sheet = Image.open(path).convert("RGBA")
+    try:
+        sheet = Image.open(path).convert("RGBA")
+    except (OSError, SyntaxError) as e:  # PIL's messages ("image file is truncated") name no file
+        raise SheetError(f"sprite sheet {path} cannot be decoded ({e}): it is truncated or damaged. Replace it with "
+                         f"a complete copy ({SPRITES_URL.format(path=Path(path).relative_to(Path(path).parents[1]))})"
+                         f"; verify=True would have caught it by its checksum.") from None
     strip = Image.new("RGBA", (CELL * N_MOTIONS * T, CELL))
     for m in range(N_MOTIONS):
         a, direction = map(int, decode_motion(m))

@@ -417,6 +417,33 @@ def module_copy(tmp_path):
     return repo / "dsvae_lib.py"
 
 
+# ----------------------------------------------------------------------------- 4. no sheets, no network
+def test_no_sheets_and_no_network_say_where_sheets_are_looked_for_and_leave_nothing(tmp_path):
+    module = module_copy(tmp_path)
+    proxy = "http://127.0.0.1:9"  # nothing listens there: every download fails, as offline
+    env = {**ENV, "DSVAE_SHEETS": "", "XDG_CACHE_HOME": str(tmp_path / "user-cache"), "DSVAE_CACHE":
+           str(tmp_path / "cache"), "https_proxy": proxy, "HTTPS_PROXY": proxy, "no_proxy": "", "NO_PROXY": ""}
+    out = subprocess.run([sys.executable, str(module), "data"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    for part in ("`sheets=`", "$DSVAE_SHEETS", str(tmp_path / "shared" / "sprites-lpc"),
+                 dsae.SPRITES_URL.format(path=""), f"https://github.com/{dsae.SPRITES_REPO}", dsae.SPRITES_COMMIT[:7]):
+        assert part in out.stderr, out.stderr
+    assert not (tmp_path / "user-cache").exists() and not (tmp_path / "cache").exists()
+
+
+# ----------------------------------------------------------------------------- 7. truncated sheet
+def test_a_truncated_sheet_is_named_without_checksums(tmp_path, copy_sheets):
+    sheets = copy_sheets(tmp_path / "sheets")
+    sheet = sheets / "hair/3.png"
+    sheet.write_bytes(sheet.read_bytes()[:sheet.stat().st_size // 2])  # its header (size) intact
+    cache = tmp_path / "cache"
+    with pytest.raises(dsae.SheetError) as err:
+        dsae.load_sprites("test", sheets=sheets, cache=cache, verify=False)
+    msg = str(err.value)
+    assert str(sheet) in msg and "truncated" in msg and dsae.SPRITES_URL.format(path="hair/3.png") in msg, msg
+    assert not cache.exists() or not any(cache.iterdir())
+
+
 # ----------------------------------------------------------------------------- 9. notebook parameters
 def test_a_bad_notebook_parameter_stops_the_notebook_at_once_naming_it(tmp_path):
     """papermill -p seeds abc on notebook 04 fails in the first cell after the parameters, before the judge or any
