@@ -18,6 +18,7 @@ finished run; `readme` rewrites the README's results; `report --profile cpu` run
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -27,8 +28,10 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import urllib.request
@@ -188,6 +191,37 @@ def _checked(name, annotation, value):
     if not ok:
         raise ValueError(what)
     return value
+
+
+# Config fields this version no longer has: name -> (the default it had, a commit that still runs it). A checkpoint
+# or weights file holding such a field at that default loads (the field is dropped); another value needs that commit.
+RETIRED: dict[str, tuple[object, str]] = {}
+
+
+def config_from_dict(d: dict, source) -> Config:
+    """The Config of the config dict stored in a checkpoint or weights file (`source`: that file, named in errors).
+    A retired field (RETIRED) at its default is dropped; CheckpointError naming the file and the field for a retired
+    field at another value, for a field this version does not know, or for a value it refuses."""
+    fields, kept = Config.__dataclass_fields__, {}
+    for name, value in d.items():
+        if name in fields:
+            kept[name] = value
+        elif name in RETIRED:
+            default, commit = RETIRED[name]
+            if value != default:
+                raise CheckpointError(f"{source} was trained with {name}={value!r}, an option this version of "
+                                      f"dsvae_lib no longer has (only its default, {default!r}, loads here); run it "
+                                      f"from commit {commit} (git worktree add ../old {commit})")
+        else:
+            raise CheckpointError(f"{source} has the config field {name}={value!r}, which this version of dsvae_lib "
+                                  f"does not know: the file was written by another version of dsvae_lib. Load it "
+                                  f"with the version that wrote it (git log --all -S '{name}' lists the commits that "
+                                  f"touch it)")
+    try:
+        return Config(**kept)
+    except ValueError as e:
+        raise CheckpointError(f"{source} holds a configuration this version refuses ({e}); load it with the "
+                              f"version of dsvae_lib that wrote it") from None
 
 
 @dataclass(frozen=True)
@@ -498,21 +532,48 @@ def atomic_write(path, payload):
 
     `payload` is bytes, a str (written as UTF-8), or a callable that writes into the binary file object it is
     given (`lambda f: torch.save(obj, f)`, `lambda f: fig.savefig(f, format="png")`). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False) as f:
-        try:
+    path, f = Path(path), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+        with f:
             if callable(payload):
                 payload(f)
             else:
                 f.write(payload.encode() if isinstance(payload, str) else payload)
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, path)
+    except BaseException as e:
+        if f is not None:
+            Path(f.name).unlink(missing_ok=True)
+        storage = _storage_error(e, path.parent, f"{path.name} was not written (a previous one is kept)")
+        if storage is None:
             raise
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
+        raise storage from e
     return path
+
+
+class StorageError(RuntimeError):
+    """A folder cannot be written: its file system is full, read-only or not ours to write."""
+
+
+_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted"}
+
+
+def _storage_error(e, folder, consequence, elsewhere="write elsewhere"):
+    """A StorageError naming `folder`, what happened, `consequence` and the fix (free space or make it writable, or
+    `elsewhere`) when `e` or the exception it arose from is a full, read-only or forbidden file system (torch's
+    writer, for one, reports a full disk as a RuntimeError raised while handling the OSError); else None."""
+    while e is not None and not (isinstance(e, OSError) and e.errno in _STORAGE):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    free = f" ({shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free)" if full and Path(folder).is_dir() else ""
+    fix = "Free space there" if full else "Make it writable"
+    return StorageError(f"cannot write in {folder}: {_STORAGE[e.errno]}{free}; {consequence}. {fix}, or {elsewhere}.")
 
 
 # ----------------------------------------------------------------------------- data: the build
@@ -1329,19 +1390,24 @@ class CheckpointError(RuntimeError):
 
 
 def _read_checkpoint(path, device):
-    """The dict `train` saved at `path`; CheckpointError naming the file and the fix if it cannot be read."""
+    """The dict `train` saved at `path`, with "file sha256": the SHA-256 of the very bytes it was read from (one open
+    file, so a training that replaces the checkpoint meanwhile changes neither); CheckpointError naming the file and
+    the fix if it cannot be read."""
     path = Path(path)
     fix = (f"delete it to train that run again from the start (rerun with the same config), or restore it "
            f"from a copy")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        with open(path, "rb") as f:
+            ckpt = torch.load(f, map_location=device, weights_only=False)
+            f.seek(0)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except Exception as e:  # truncated, empty or not a torch file: torch's message names no file
         raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read "
                               f"({type(e).__name__}: {e}); it is damaged: {fix}.") from e
     missing = sorted({"config", "model", "epoch", "history"} - set(ckpt if isinstance(ckpt, dict) else ()))
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}, so it was not written by `train`: {fix}.")
-    return ckpt
+    return {**ckpt, "file sha256": digest}
 
 
 def _check_resume(trained: Config, config: Config, path, change_lr=False):
@@ -1386,23 +1452,49 @@ class RunInUseError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _run_lock(run):
-    """Hold an exclusive lock on a run folder (flock on run/.lock, released by the kernel on any exit, kill -9
-    included), then remove what killed runs left there (temporary checkpoint and metrics files)."""
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / ".lock", "a+") as f:
+def _exclusive(lock, stale, in_use, unwritable):
+    """Hold an exclusive flock on the file `lock` (released by the kernel on any exit, kill -9 included) with this
+    pid in it, then remove the files beside it matching the glob `stale`: what killed holders left (the temporary
+    files of atomic_write). RunInUseError `in_use(pid)` while another process holds it; when its folder cannot be
+    written, the StorageError of _storage_error(..., *unwritable): what was not done, and where else to do it."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        raise _storage_error(e, lock.parent, *unwritable) or e from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise RunInUseError(f"run folder {run} is in use by another training (pid {f.read().strip() or '?'}); "
-                                f"wait for it to finish or stop it, or train into another run_dir.") from None
+            raise RunInUseError(in_use(f.read().strip() or "?")) from None
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
-        for tmp in run.glob(".*.part"):  # temporary files of atomic_write that a killed run left behind
+        for tmp in lock.parent.glob(stale):
             tmp.unlink(missing_ok=True)
         yield
+
+
+def _run_lock(run):
+    """Hold an exclusive lock on a run folder (run/.lock), then remove what killed runs left there (temporary
+    checkpoint and metrics files)."""
+    return _exclusive(run / ".lock", ".*.part",
+                      lambda pid: f"run folder {run} is in use by another training (pid {pid}); wait for it to "
+                                  f"finish or stop it, or train into another run_dir.",
+                      ("nothing was trained", "train into another run_dir (--set run_dir=...)"))
+
+
+def _in_use(path):
+    """Whether a process holds the lock file `path` (a training its run folder's .lock); False if there is none."""
+    try:
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1412,9 +1504,49 @@ def load_checkpoint(path, device="cpu"):
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; train first (notebook 03 or `python dsvae_lib.py train`)")
     ckpt = _read_checkpoint(path, device)
-    model = DSAE(Config(**ckpt["config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    model = DSAE(config_from_dict(ckpt["config"], path)).to(device)
+    _load_state(model, ckpt["model"], path)
     return model.eval(), ckpt
+
+
+def _load_state(model, state, path):
+    """model.load_state_dict(state) of the file `path`; CheckpointError naming the file, the architecture fields
+    whose values its state and its config give differently, and the fix, when the state does not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        config = model.config
+        held = _architecture_of(state, config)
+        diff = ", ".join(f"{k}={v!r} in its model state, {getattr(config, k)!r} in its config" for k, v in held.items())
+        raise CheckpointError(
+            f"{path} holds a model of another architecture than its config describes ("
+            f"{diff or str(e).strip().splitlines()[-1].strip()}): it was edited, assembled from two runs or written "
+            f"by another version of dsvae_lib. Export it again from its run (python dsvae_lib.py export --profile "
+            f"{config.profile} --q-z {config.q_z}), or delete it and train that run again.") from None
+
+
+def _architecture_of(state, config: Config):
+    """{field: value} of the ARCHITECTURE fields whose values the shapes of a model `state` give otherwise than
+    `config`, read off models built on the meta device: q_z from the keys, each size from a dimension that it alone
+    sets."""
+    def shapes(**change):
+        with torch.device("meta"):
+            return {k: v.shape for k, v in DSAE(Config(**{**config.__dict__, **change})).state_dict().items()}
+    q_z = next((q for q in ("factorised", "full") if shapes(q_z=q).keys() == state.keys()), config.q_z)
+    base, sizes = shapes(q_z=q_z), [k for k in ARCHITECTURE if k != "q_z"]
+    moved = {k: shapes(q_z=q_z, **{k: getattr(config, k) + 1}) for k in sizes}  # the dimensions each size sets
+    held = {"q_z": q_z} if q_z != config.q_z else {}
+    for k in sizes:
+        for key, shape in base.items():
+            dims = [d for d in range(len(shape)) if moved[k][key][d] != shape[d]
+                    and all(moved[o][key][d] == shape[d] for o in sizes if o != k)]
+            if dims and key in state and state[key].dim() == len(shape):
+                d = dims[0]
+                value = getattr(config, k) + (state[key].shape[d] - shape[d]) // (moved[k][key][d] - shape[d])
+                if value != getattr(config, k):
+                    held[k] = value
+                break
+    return held
 
 
 def annealed_kl_weight(config: Config, epochs_done):
@@ -1453,7 +1585,19 @@ def train(config: Config, progress=True, change_lr=False, train_data: Sprites | 
     """
     init = _warm_start(config)  # a bad init file is refused before anything is written
     with _run_lock(config.path):
-        return _train(config, progress, change_lr, train_data, test_data, init)
+        try:
+            return _train(config, progress, change_lr, train_data, test_data, init)
+        except StorageError as e:  # a full disk: say what the run keeps
+            raise StorageError(f"{e} The run: {saved_epochs(config.path)}; rerun the same command to resume.") from e
+
+
+def saved_epochs(run):
+    """What a run folder keeps, in words: its checkpoint's epoch (its last complete one) or that it has none."""
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        return f"no epoch finished, so {run} holds no checkpoint"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: the tensors are not read
+    return f"{path} keeps the last complete epoch, {ckpt['epoch']} of {ckpt['config']['epochs']}"
 
 
 ARCHITECTURE = ("f_dim", "z_dim", "q_z", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden")
@@ -1472,14 +1616,14 @@ def _warm_start(config: Config):
         raise FileNotFoundError(f"init={config.init!r}: no such checkpoint or weights file; pass the path of a "
                                 f"training checkpoint (runs/<run>/checkpoint.pt) or a weights file (weights/*.pt)")
     ckpt = _read_checkpoint(path, "cpu")
-    source = Config(**ckpt["config"])
+    source = config_from_dict(ckpt["config"], path)
     diff = [f"{k}={getattr(source, k)!r} there, {getattr(config, k)!r} here" for k in ARCHITECTURE
             if getattr(source, k) != getattr(config, k)]
     if diff:
         raise ValueError(f"init={config.init!r} holds another architecture ({', '.join(diff)}); warm-start from a "
                          f"file of the same architecture, or set those fields to its values")
     return {"model": ckpt["model"],  # a half-precision state loads into the fp32 model as in load_checkpoint
-            "record": {"path": str(path), "sha256": sha256(path), "epochs": ckpt["epoch"],
+            "record": {"path": str(path), "sha256": ckpt["file sha256"], "epochs": ckpt["epoch"],
                        "seconds": sum(r.get("seconds", 0.0) for r in ckpt["history"])}}
 
 
@@ -1508,8 +1652,8 @@ def _train(config: Config, progress, change_lr, train_data, test_data, init=None
     history, start, lr_changes = [], 0, []
     if ckpt_path.is_file():
         ckpt = _read_checkpoint(ckpt_path, device)
-        _check_resume(Config(**ckpt["config"]), config, ckpt_path, change_lr)
-        model.load_state_dict(ckpt["model"])
+        _check_resume(config_from_dict(ckpt["config"], ckpt_path), config, ckpt_path, change_lr)
+        _load_state(model, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # the saved groups carry the saved run's kernel; this run's config wins
             group["fused"], group["foreach"] = config.fused_adam or None, None
@@ -1598,20 +1742,24 @@ def export_weights(checkpoint, out, expected: Config | None = None):
     With `expected` (the profile's config), a checkpoint of another configuration or with fewer epochs is refused
     first."""
     ckpt = _read_checkpoint(checkpoint, "cpu")
+    trained = config_from_dict(ckpt["config"], checkpoint)  # a file this version cannot load is not exported
     if expected is not None:
         fix = f"train the profile's own run (python dsvae_lib.py train --profile {expected.profile} --set " \
               f"q_z={expected.q_z}) and export that"
-        if _comparable(Config(**ckpt["config"])) != _comparable(expected):
+        if _comparable(trained) != _comparable(expected):
             raise ValueError(f"{checkpoint} was trained with another configuration than profile "
                              f"{expected.profile!r} defines; {fix}")
         if ckpt["epoch"] < expected.epochs:
             raise ValueError(f"{checkpoint} holds {ckpt['epoch']} of {expected.epochs} epochs; finish training "
                              f"before exporting it")
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"config": ckpt["config"], "model": state, "epoch": ckpt["epoch"], "history": ckpt["history"],
-                  "init": ckpt.get("init"), "source sha256": sha256(checkpoint)}, out)
-    return Path(out)
+    out = Path(out)
+    with _exclusive(out.parent / f".{out.name}.lock", f".{out.name}.*.part",  # what a killed export left goes
+                    lambda pid: f"{out} is being written by another export (pid {pid}); wait for it to finish",
+                    (f"{out.name} was not written",)):
+        _atomic_save({"config": ckpt["config"], "model": state, "epoch": ckpt["epoch"], "history": ckpt["history"],
+                      "init": ckpt.get("init"), "source sha256": ckpt["file sha256"]}, out)
+    return out
 
 
 def trained_model(config: Config, weights=True, folder=None, progress=True):
@@ -1621,7 +1769,7 @@ def trained_model(config: Config, weights=True, folder=None, progress=True):
     path = weights_path(config.profile, config.q_z, folder)
     if weights and path.is_file():
         model, ckpt = load_checkpoint(path, pick_device(config.device))
-        if _comparable(Config(**ckpt["config"])) != _comparable(config):
+        if _comparable(config_from_dict(ckpt["config"], path)) != _comparable(config):
             raise ValueError(f"{path} holds another configuration than the one asked for; pass weights=False to "
                              f"train this one under {config.path}")
         return model, ckpt["history"], path
@@ -2279,12 +2427,23 @@ def results_markdown(metrics):
     return "\n".join(lines)
 
 
+_REWRITE_METRICS = "write it again (python dsvae_lib.py report) or restore it from git (git checkout -- <file>)"
+
+
 def ablation_metrics(profile, folder=None):
     """{ablation profile: its metrics.json} for the ablations of `profile` that have been evaluated (their files in
     <folder>/<ablation>/; folder: the profile's figures folder of record, whatever $DSVAE_FIGURES says)."""
     folder = Path(folder or ROOT / get_profile(profile).figures)
-    return {a: json.loads(path.read_text()) for a in get_profile(profile).ablations
+    return {a: read_json(path, _REWRITE_METRICS) for a in get_profile(profile).ablations
             if (path := folder / a / "metrics.json").is_file()}
+
+
+def read_json(path, fix):
+    """The JSON value in the file `path`; ValueError naming the file, what is wrong and `fix` if it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
 
 
 def update_readme(metrics_path, readme=None, ablations=None):
@@ -2297,7 +2456,7 @@ def update_readme(metrics_path, readme=None, ablations=None):
                          f"where the results table belongs")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    body = results_markdown(json.loads(Path(metrics_path).read_text()))
+    body = results_markdown(read_json(metrics_path, _REWRITE_METRICS))
     for name, metrics in (ablations or {}).items():
         body += f"\n\n### Beyond the paper: profile `{name}`\n\n{get_profile(name).note}\n\n{results_markdown(metrics)}"
     _atomic_write_text(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
@@ -2358,7 +2517,7 @@ def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit
     evaluated: the file and its SHA-256, epochs, config, warm start, training time and the last ELBO terms."""
     codes = encode_all(model, test, limit)  # once, for the judge protocol and the probe
     rows, confusions = evaluate(model, judge, test, seeds, limit, progress, codes=codes)
-    record = {"checkpoint": _shown_path(path), "checkpoint sha256": sha256(path), "epochs": ckpt["epoch"],
+    record = {"checkpoint": _shown_path(path), "checkpoint sha256": ckpt["file sha256"], "epochs": ckpt["epoch"],
               "processor": processor_name(model.device.type),  # where and in what it was evaluated: bf16 kernels
               "arithmetic": "bf16" if _bf16_on(model.device, model.config.bf16) else "fp32",  # differ a little
               "config": ckpt["config"], "init": ckpt.get("init"),
@@ -2392,21 +2551,26 @@ def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True
     folder (a file by its name without .pt). Written as JSON to `out` when given, under a lock: the runs already there
     stay, and a run evaluated again replaces its entry, so a study's evaluations can grow run by run."""
     files = run_files(paths)
-    device = pick_device()
-    judge, test, head = _judge_protocol(profile, seeds, device, progress)
-    head["judge"] = {"profile": profile, **head["judge"]}
+    out = out and Path(out)
+
+    def kept():  # what `out` holds: its JSON, refused with the fix when damaged
+        return read_json(out, "delete it or write to another file (--out)") if out and out.is_file() else {"runs": {}}
 
     def kept_runs():  # what `out` holds, if it was evaluated by the same protocol
-        kept = json.loads(out.read_text()) if out is not None and out.is_file() else {"runs": {}}
-        if kept["runs"] and {k: kept.get(k) for k in head} != json.loads(json.dumps(head, default=list)):
+        held = kept()
+        if held["runs"] and {k: held.get(k) for k in head} != json.loads(json.dumps(head, default=list)):
             raise ValueError(f"{out} holds evaluations with another judge, data, test sequences or seeds; write "
                              f"these to another file (--out) so that every row of one file compares")
-        return kept["runs"]
+        return held["runs"]
 
-    out = out and Path(out)
+    kept()  # a damaged `out`, then a file that cannot be loaded, are refused before the judge and the evaluation
+    device = pick_device()
+    loaded = {name: load_checkpoint(file, device) for name, file in files.items()}  # each the last complete epoch
+    judge, test, head = _judge_protocol(profile, seeds, device, progress)
+    head["judge"] = {"profile": profile, **head["judge"]}
     kept_runs()  # refused before the long part
     limit = head["test sequences"]  # the protocol's, as recorded
-    evaluated = {name: evaluate_run(*load_checkpoint(file, device), file, judge, test, seeds, limit, progress)
+    evaluated = {name: evaluate_run(*loaded[name], file, judge, test, seeds, limit, progress)
                  for name, file in files.items()}
     if out is None:
         return {**head, "runs": evaluated}
@@ -3195,13 +3359,14 @@ def main(argv=None):
     r.add_argument("--no-weights", action="store_true",
                    help="use (or train) the runs under runs/ instead of the committed weights of record")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the command, to say how to rerun it
     try:
         profile = default_profile(getattr(args, "profile", None))
     except ValueError as e:  # $DSVAE_PROFILE names no profile
         parser.error(str(e))
     try:
         _command(parser, args, profile)
-    except (SheetError, CacheError, CheckpointError, RunInUseError, FloatingPointError, ValueError,
+    except (SheetError, CacheError, CheckpointError, RunInUseError, StorageError, FloatingPointError, ValueError,
             FileNotFoundError) as e:
         parser.exit(1, f"error: {e}\n")
 
@@ -3223,9 +3388,12 @@ def _command(parser, args, profile):
     if args.command == "evaluate":
         result = evaluate_runs(args.runs, profile, args.out, tuple(args.seeds))
         keys = ("z kept: motion", "z kept: IS", *(f"f kept: {a}" for a in ATTRIBUTES), "recon: skin", "recon: pants")
-        for name in run_files(args.runs):
-            summary = result["runs"][name]["summary"]
-            print(name, "  ".join(f"{k} {summary[k]['mean'] * (1 if 'IS' in k else 100):.2f}" for k in keys))
+        for name, file in run_files(args.runs).items():
+            run = result["runs"][name]
+            training = "; its run is still training, so this is its last complete checkpoint" \
+                if _in_use(file.parent / ".lock") else ""
+            print(f"{name}: {file}, epoch {run['epochs']} of {run['config']['epochs']}{training}")
+            print(name, "  ".join(f"{k} {run['summary'][k]['mean'] * (1 if 'IS' in k else 100):.2f}" for k in keys))
         print(f"{args.out}: {len(result['runs'])} runs")
         return
     if args.command == "readme":
@@ -3260,7 +3428,12 @@ def _command(parser, args, profile):
         config = make_config(profile, **overrides)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
-    _, history = train(config, change_lr=args.change_lr)
+    try:
+        _, history = train(config, change_lr=args.change_lr)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to go on, instead of a traceback
+        command = shlex.join([parser.prog.split()[0], *args.argv])
+        parser.exit(130, f"interrupted: {saved_epochs(config.path)}. To resume, run the same command again: "
+                         f"{'python ' if command.startswith('dsvae_lib.py') else ''}{command}\n")
     print(json.dumps(history[-1], indent=1))
 
 
