@@ -2450,6 +2450,12 @@ def update_readme(metrics_path, readme=None, ablations=None):
     """Replace the README's results section (between its markers) with `results_markdown` of a metrics.json,
     followed by that of each ablation's ({profile name: metrics}), under a heading that says it is beyond the paper."""
     readme = Path(readme or ROOT / "README.md")
+    _atomic_write_text(readme, readme_text(metrics_path, readme, ablations))
+    return readme
+
+
+def readme_text(metrics_path, readme, ablations=None):
+    """The text of `readme` with its results section rewritten as `update_readme` writes it."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise ValueError(f"{readme} has no results markers; put the lines\n{README_BEGIN}\n{README_END}\n"
@@ -2459,8 +2465,7 @@ def update_readme(metrics_path, readme=None, ablations=None):
     body = results_markdown(read_json(metrics_path, _REWRITE_METRICS))
     for name, metrics in (ablations or {}).items():
         body += f"\n\n### Beyond the paper: profile `{name}`\n\n{get_profile(name).note}\n\n{results_markdown(metrics)}"
-    _atomic_write_text(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
-    return readme
+    return f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}"
 
 
 def trained_runs(profile, weights=True, folder=None):
@@ -3260,6 +3265,8 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
     notebooks = sorted(NOTEBOOKS.glob("0*.ipynb")) if notebooks is None else [Path(n) for n in notebooks]
     out = Path(out or REPORTS)
     out.mkdir(parents=True, exist_ok=True)
+    if (done := finish_copy_back(out / COPY_BACK)) is not None:  # a copy-back cut short by a kill: all or none
+        print(f"the copy-back of the last report was cut short: {'completed' if done else 'undone'} now")
     build_cache()
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".run-"))
     previous = os.environ.get("DSVAE_FIGURES")
@@ -3306,24 +3313,65 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
         print(f"notebooks/ and figures/ left as they are: {profile!r} is not a profile of record, or the report is "
               f"not of its weights of record (RECORD=1 / --record copies it back anyway)")
         return out
-    for nb in notebooks:
-        shutil.copyfile(out / nb.name, nb)
-    figures = out / "figures"
-    if figures.is_dir():
-        dest = ROOT / get_profile(profile).figures
-        for f in sorted(p for p in figures.rglob("*") if p.is_file()):  # with the ablations' folders
-            atomic_write(dest / f.relative_to(figures), f.read_bytes())
-        for a in get_profile(profile).ablations:  # an ablation this report did not evaluate is not kept either
-            if not (figures / a).is_dir():
-                shutil.rmtree(dest / a, ignore_errors=True)
-    print(f"copied back: {len(notebooks)} notebooks into {notebooks[0].parent if notebooks else NOTEBOOKS}"
-          + (f", figures into {ROOT / get_profile(profile).figures}" if figures.is_dir() else ""))
-    metrics = ROOT / get_profile(profile).figures / "metrics.json"
+    files = {nb: out / nb.name for nb in notebooks}
+    figures, dest = out / "figures", ROOT / get_profile(profile).figures
+    files.update({dest / f.relative_to(figures): f for f in sorted(figures.rglob("*")) if f.is_file()})  # ablations'
+    gone = [dest / a for a in get_profile(profile).ablations  # an ablation this report did not evaluate goes too
+            if figures.is_dir() and not (figures / a).is_dir()]
     readme = ROOT / "README.md"  # the results of record only: never a smoke run's, even when copied back
-    if get_profile(profile).of_record and weights and metrics.is_file() and README_BEGIN in readme.read_text():
-        print(f"README results rewritten from {metrics.relative_to(ROOT)}"
-              f" and its ablations' metrics: {update_readme(metrics, readme, ablation_metrics(profile, figures))}")
+    if get_profile(profile).of_record and weights and (figures / "metrics.json").is_file() \
+            and README_BEGIN in readme.read_text():
+        files[readme] = readme_text(figures / "metrics.json", readme, ablation_metrics(profile, figures))
+    replace_all(files, out / COPY_BACK, gone)
+    print(f"copied back: {len(notebooks)} notebooks into {notebooks[0].parent if notebooks else NOTEBOOKS}"
+          + (f", figures into {dest}" if figures.is_dir() else "")
+          + (f"; README results rewritten from {_shown_path(dest / 'metrics.json')} and its ablations' metrics"
+             if readme in files else ""))
     return out
+
+
+COPY_BACK = ".copy-back.json"  # the journal of a report's copy-back, in the report's folder
+
+
+def replace_all(files, journal, gone=()):
+    """Replace each file of `files` ({destination: source path, or text}) and remove the folders `gone`, as a whole:
+    each new file is first written beside its destination (.<name>.copy-back.part), then the journal file `journal`
+    records the commit, then every one is renamed over its destination (each atomically). A process killed before
+    the commit changed nothing; one killed after it is completed by `finish_copy_back(journal)`, which a report
+    calls first: either all the files are replaced, or none."""
+    moves = [(Path(d).parent / f".{Path(d).name}.copy-back.part", Path(d), source) for d, source in files.items()]
+    plan = {"moves": [[str(tmp), str(d)] for tmp, d, _ in moves], "gone": list(map(str, gone))}
+    _atomic_write_text(journal, json.dumps({**plan, "committed": False}))  # what to undo, if killed before the commit
+    try:
+        for tmp, _, source in moves:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, str):
+                tmp.write_bytes(source.encode())
+            else:
+                shutil.copyfile(source, tmp)
+    except BaseException:  # a full disk or Ctrl-C, say: undone at once
+        finish_copy_back(journal)
+        raise
+    _atomic_write_text(journal, json.dumps({**plan, "committed": True}))
+    finish_copy_back(journal)
+
+
+def finish_copy_back(journal):
+    """Complete the copy-back recorded in `journal` (see replace_all) if it was committed, else undo it (remove its
+    temporary files); then remove the journal. Returns whether it was completed; None when there was none."""
+    journal = Path(journal)
+    if not journal.is_file():
+        return None
+    plan = json.loads(journal.read_text())
+    for tmp, dest in plan["moves"]:
+        if plan["committed"] and Path(tmp).exists():
+            os.replace(tmp, dest)
+        else:
+            Path(tmp).unlink(missing_ok=True)
+    for folder in plan["gone"] if plan["committed"] else ():
+        shutil.rmtree(folder, ignore_errors=True)
+    journal.unlink()
+    return plan["committed"]
 
 
 # ----------------------------------------------------------------------------- command line

@@ -441,6 +441,74 @@ def tmpfs(path, options):
 
 
 # ----------------------------------------------------------------------------- 1. the report's copy-back
+COPY_BACK = """
+import dataclasses, json, shutil
+import papermill as pm
+root, point = Path(sys.argv[1]), sys.argv[2]
+dsae.PROFILES["smoke"] = dataclasses.replace(dsae.PROFILES["smoke"], figures=str(root / "figures"))
+def run_notebook(src, dest, **kwargs):  # a notebook's run, without a kernel: its output and a figure
+    nb = json.loads(Path(src).read_text())
+    nb["cells"][-1]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": ["new\\n"]}]
+    Path(dest).write_text(json.dumps(nb))
+    dsae.atomic_write(Path(os.environ["DSVAE_FIGURES"]) / f"{Path(src).stem}.png", b"new" * 4096)
+pm.execute_notebook = run_notebook
+dsae._export_html = lambda notebook, folder: None  # not what is tested
+kind, _, n = point.partition(":")
+calls = [0]
+def dies(dst):  # the n-th write (copy or rename) into the repository's notebooks or figures
+    calls[0] += Path(dst).parent in (root / "notebooks", root / "figures")
+    return calls[0] == int(n)
+copyfile, replace = shutil.copyfile, os.replace
+def killing_copyfile(src, dst, **kwargs):  # killed half-way through the copy
+    if kind == "copy" and dies(dst):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return copyfile(src, dst, **kwargs)
+def killing_replace(src, dst):  # killed before the rename
+    if kind == "replace" and dies(dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst)
+shutil.copyfile, os.replace = killing_copyfile, killing_replace
+dsae.run_report("smoke", record=True, notebooks=sorted((root / "notebooks").glob("*.ipynb")), out=root / "reports",
+                progress=False)
+"""
+
+
+@pytest.mark.parametrize("point", ["copy:2", "replace:2"])
+def test_a_kill_during_the_copy_back_leaves_every_file_whole_and_all_or_none_replaced(tmp_path, point):
+    """`report --record` killed -9 inside the copy-back (half-way through copying the 2nd file, or before renaming
+    it): every notebook is still valid JSON, and once the next report has started (finish_copy_back) either every
+    notebook and figure is the new one or every one is the old one, with no temporary file left."""
+    import nbformat
+    root = tmp_path / "repo"
+    (root / "notebooks").mkdir(parents=True)
+    old = {}
+    for name in ("01_a", "02_b"):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("profile = None",
+                                                                       metadata={"tags": ["parameters"]}),
+                                             nbformat.v4.new_code_cell("print('new')")])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, root / "notebooks" / f"{name}.ipynb")
+        dsae.atomic_write(root / "figures" / f"{name}.png", b"old")
+        old |= {p: p.read_bytes() for p in (root / "notebooks" / f"{name}.ipynb", root / "figures" / f"{name}.png")}
+    proc = spawn(COPY_BACK, root, point)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    for path in old:
+        if path.suffix == ".ipynb":
+            json.loads(path.read_text())  # never half-written
+    dsae.finish_copy_back(root / "reports" / dsae.COPY_BACK)  # what the next report does first
+    new = {p: (root / "reports" / p.relative_to(root / "notebooks") if p.suffix == ".ipynb" else
+               root / "reports" / "figures" / p.name).read_bytes() for p in old}
+    replaced = {p.name: p.read_bytes() == new[p] for p in old}
+    kept = {p.name: p.read_bytes() == old[p] for p in old}
+    assert all(replaced.values()) or all(kept.values()), (replaced, kept)
+    assert all(replaced.values()) == (point == "replace:2")  # killed after the commit: completed
+    assert sorted(p.name for p in (root / "notebooks").iterdir()) == ["01_a.ipynb", "02_b.ipynb"]
+    assert sorted(p.name for p in (root / "figures").iterdir()) == ["01_a.png", "02_b.png"]
+    assert not (root / "reports" / dsae.COPY_BACK).exists()
+
+
 EXPORT = """
 out, checkpoint = sys.argv[1], sys.argv[2]
 save = torch.save
