@@ -18,6 +18,7 @@ finished run; `readme` rewrites the README's results; `report --profile cpu` run
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -27,9 +28,11 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -117,8 +120,13 @@ def _is_device(v):
 
 _POSITIVE = ("f_dim", "z_dim", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden", "epochs",
              "batch_size", "train_limit", "eval_limit", "judge_limit")
+# upper bounds of the counts, so that a typo (epochs=1e9) is refused rather than started: the splits hold 9000
+# training and 2664 test sequences; the paper trains 200 epochs
+_AT_MOST = {"epochs": 10_000, "batch_size": 9000, "train_limit": 9000, "eval_limit": 2664, "judge_limit": 2664}
 _ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fields are checked by type only
     **{k: (lambda v: v >= 1, ">= 1") for k in _POSITIVE},
+    **{k: (lambda v, most=most: 1 <= v <= most, f">= 1 and <= {most}") for k, most in _AT_MOST.items()},
+    **{k: (lambda v: v.strip() != "", "a non-empty path") for k in ("run_dir", "init")},  # "" is no folder or file
     "lr": (lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
     "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "in [0, 1)"),
     "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
@@ -176,20 +184,29 @@ RETIRED = {  # Config fields of study options that ended negative (notebook 06):
 
 
 def config_from_dict(d: dict, source) -> Config:
-    """The Config that a checkpoint or weights file at `source` stores as a dict. A retired field (RETIRED) at its
-    default is dropped, so files written before its retirement still load; at another value the file needs that
-    field's code, and CheckpointError names the commit that still runs it. A field this version never had means the
-    file was written by another version of this module: CheckpointError naming the file and the field."""
-    fields = set(Config.__dataclass_fields__)
-    for name in sorted(set(d) - fields):
-        if name not in RETIRED:
-            raise CheckpointError(f"{source}: its config has the field {name}={d[name]!r}, which this version of "
-                                  f"dsvae_lib does not know; the file was written by another version of it")
-        default, commit = RETIRED[name]
-        if d[name] != default:
-            raise CheckpointError(f"{source}: its config sets the retired option {name}={d[name]!r}, whose code was "
-                                  f"removed; run it from commit {commit} (git worktree add ../study {commit})")
-    return Config(**{k: v for k, v in d.items() if k in fields})
+    """The Config of the config dict stored in a checkpoint or weights file (`source`: that file, named in errors).
+    A retired field (RETIRED) at its default is dropped; CheckpointError naming the file and the field for a retired
+    field at another value, for a field this version does not know, or for a value it refuses."""
+    fields, kept = Config.__dataclass_fields__, {}
+    for name, value in d.items():
+        if name in fields:
+            kept[name] = value
+        elif name in RETIRED:
+            default, commit = RETIRED[name]
+            if value != default:
+                raise CheckpointError(f"{source} was trained with {name}={value!r}, an option this version of "
+                                      f"dsvae_lib no longer has (only its default, {default!r}, loads here); run it "
+                                      f"from commit {commit} (git worktree add ../old {commit})")
+        else:
+            raise CheckpointError(f"{source} has the config field {name}={value!r}, which this version of dsvae_lib "
+                                  f"does not know: the file was written by another version of dsvae_lib. Load it "
+                                  f"with the version that wrote it (git log --all -S '{name}' lists the commits that "
+                                  f"touch it)")
+    try:
+        return Config(**kept)
+    except ValueError as e:
+        raise CheckpointError(f"{source} holds a configuration this version refuses ({e}); load it with the "
+                              f"version of dsvae_lib that wrote it") from None
 
 
 BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_partner")  # KL weights other than 1, or
@@ -290,6 +307,48 @@ def parse_overrides(overrides):
     if not isinstance(overrides, dict):
         raise ValueError(f"overrides must be a dict or a JSON object of Config fields, not {overrides!r}")
     return dict(overrides)
+
+
+def _parses(parse):
+    """A test: whether `parse` takes the value without a ValueError."""
+    def test(value):
+        try:
+            parse(value)
+        except ValueError:
+            return False
+        return True
+    return test
+
+
+_PARAMETERS = {  # notebook parameter -> (test, what is allowed); one named as a Config field is checked as that field
+    "profile": (lambda v: v is None or v in PROFILES, f"None or one of {sorted(PROFILES)}"),
+    "overrides": (_parses(parse_overrides),
+                  "a dict of Config fields or a JSON object string such as '{\"epochs\": 1}'"),
+    **{k: (lambda v: isinstance(v, bool), "True or False") for k in ("weights", "fresh")},
+    "seeds": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32 for s in v),
+              "a non-empty list of integers >= 0 such as [0, 1, 2] (papermill: -y 'seeds: [0, 1, 2]')"),
+    "embedding_method": (lambda v: v in ("pca", "tsne"), "'pca' or 'tsne'"),
+}
+
+
+def check_parameters(**params):
+    """Check a notebook's parameters (papermill's -p/-y values) before it does any work: one ValueError naming each
+    bad parameter, its value and what is allowed. Those of _PARAMETERS are checked by their rule, one named as a
+    Config field (q_z, epochs, ...) as that field; any other is left to the notebook."""
+    errors = []
+    for name, value in params.items():
+        if name in _PARAMETERS:
+            test, allowed = _PARAMETERS[name]
+            if not test(value):
+                errors.append(f"{name} must be {allowed}, not {value!r}")
+        elif name in Config.__dataclass_fields__:
+            try:
+                _checked(name, Config.__dataclass_fields__[name].type, value, *_ALLOWED.get(name, ()))
+            except ValueError as e:
+                errors.append(f"{name} must be {e}, not {value!r}")
+    if errors:
+        raise ValueError("invalid notebook parameter(s): " + "; ".join(errors))
 
 
 # ----------------------------------------------------------------------------- data: the protocol
@@ -428,9 +487,8 @@ def download_sheets(dest=None, url=SPRITES_URL):
     dest = Path(dest or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dsvae-repro"
                 / f"sheets-{SPRITES_COMMIT[:12]}")
     todo = [rel for rel, h in SHEET_SHA256.items() if not ((dest / rel).is_file() and sha256(dest / rel) == h)]
-    for rel in tqdm(todo, desc="download sheets", disable=not todo):
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+    for rel in tqdm(todo, desc="download sheets", disable=not todo, delay=1):  # no bar when it fails at once
+        target = dest / rel  # its folder is made by atomic_write, once the sheet is verified
         with urllib.request.urlopen(url.format(path=rel), timeout=60) as response:
             payload = response.read()
         got = hashlib.sha256(payload).hexdigest()
@@ -443,7 +501,8 @@ def download_sheets(dest=None, url=SPRITES_URL):
 
 
 def find_sheets(sheets=None):
-    """Sheets folder: `sheets`, else $DSVAE_SHEETS, else ../shared/sprites-lpc, else a verified download."""
+    """Sheets folder: `sheets`, else $DSVAE_SHEETS, else ../shared/sprites-lpc, else a verified download; SheetError
+    saying where sheets are looked for and how to provide them when the download fails (no network, say)."""
     for candidate in (sheets, os.environ.get("DSVAE_SHEETS")):
         if candidate:
             if not Path(candidate).is_dir():
@@ -451,7 +510,16 @@ def find_sheets(sheets=None):
                                  f"it to download the sheets.")
             return Path(candidate)
     shared = ROOT.parent / "shared" / "sprites-lpc"
-    return shared if shared.is_dir() else download_sheets()
+    if shared.is_dir():
+        return shared
+    try:
+        return download_sheets()
+    except OSError as e:  # urllib.error.URLError included: no network, proxy or DNS
+        raise SheetError(f"no sprite sheets found, and downloading them failed ({type(e).__name__}: {e}). Sheets "
+                         f"are looked for in `sheets=`, then $DSVAE_SHEETS (unset), then {shared} (missing), then "
+                         f"downloaded from {SPRITES_URL.format(path='<sheet>')}. Provide them: clone "
+                         f"https://github.com/{SPRITES_REPO} at commit {SPRITES_COMMIT[:7]} and point `sheets=` or "
+                         f"DSVAE_SHEETS at it (or put it at {shared}), or retry with network access.") from None
 
 
 def atomic_write(path, payload):
@@ -460,27 +528,59 @@ def atomic_write(path, payload):
 
     `payload` is bytes, a str (written as UTF-8), or a callable that writes into the binary file object it is
     given (`lambda f: torch.save(obj, f)`, `lambda f: fig.savefig(f, format="png")`). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False) as f:
-        try:
+    path, f = Path(path), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+        with f:
             if callable(payload):
                 payload(f)
             else:
                 f.write(payload.encode() if isinstance(payload, str) else payload)
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, path)
+    except BaseException as e:
+        if f is not None:
+            Path(f.name).unlink(missing_ok=True)
+        storage = _storage_error(e, path.parent, f"{path.name} was not written (a previous one is kept)")
+        if storage is None:
             raise
-    os.chmod(f.name, 0o644)
-    os.replace(f.name, path)
+        raise storage from e
     return path
+
+
+class StorageError(RuntimeError):
+    """A folder cannot be written: its file system is full, read-only or not ours to write."""
+
+
+_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted"}
+
+
+def _storage_error(e, folder, consequence, elsewhere="write elsewhere"):
+    """A StorageError naming `folder`, what happened, `consequence` and the fix (free space or make it writable, or
+    `elsewhere`) when `e` or the exception it arose from is a full, read-only or forbidden file system (torch's
+    writer, for one, reports a full disk as a RuntimeError raised while handling the OSError); else None."""
+    while e is not None and not (isinstance(e, OSError) and e.errno in _STORAGE):
+        e = e.__cause__ or e.__context__
+    if e is None:
+        return None
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    free = f" ({shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free)" if full and Path(folder).is_dir() else ""
+    fix = "Free space there" if full else "Make it writable"
+    return StorageError(f"cannot write in {folder}: {_STORAGE[e.errno]}{free}; {consequence}. {fix}, or {elsewhere}.")
 
 
 # ----------------------------------------------------------------------------- data: the build
 def _motion_strip(path):
     """One layer's 9 motions x 8 frames as an RGBA strip of 72 cells (64 x 4608), cropped by PROTOCOL.md."""
-    sheet = Image.open(path).convert("RGBA")
+    try:
+        sheet = Image.open(path).convert("RGBA")
+    except (OSError, SyntaxError) as e:  # PIL's messages ("image file is truncated") name no file
+        raise SheetError(f"sprite sheet {path} cannot be decoded ({e}): it is truncated or damaged. Replace it with "
+                         f"a complete copy ({SPRITES_URL.format(path=Path(path).relative_to(Path(path).parents[1]))})"
+                         f"; verify=True would have caught it by its checksum.") from None
     strip = Image.new("RGBA", (CELL * N_MOTIONS * T, CELL))
     for m in range(N_MOTIONS):
         a, direction = map(int, decode_motion(m))
@@ -1185,6 +1285,14 @@ def _scheduler(optimizer, config):
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def read_json(path, fix):
+    """The JSON value in the file `path`; ValueError naming the file, what is wrong and `fix` if it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
 def _atomic_save(obj, path):
     """torch.save through atomic_write: a crash never leaves a half-written checkpoint."""
     return atomic_write(path, lambda f: torch.save(obj, f))
@@ -1222,19 +1330,24 @@ class CheckpointError(RuntimeError):
 
 
 def _read_checkpoint(path, device):
-    """The dict `train` saved at `path`; CheckpointError naming the file and the fix if it cannot be read."""
+    """The dict `train` saved at `path`, with "file sha256": the SHA-256 of the very bytes it was read from (one open
+    file, so a training that replaces the checkpoint meanwhile changes neither); CheckpointError naming the file and
+    the fix if it cannot be read."""
     path = Path(path)
     fix = (f"delete it to train that run again from the start (rerun with the same config), or restore it "
            f"from a copy")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        with open(path, "rb") as f:
+            ckpt = torch.load(f, map_location=device, weights_only=False)
+            f.seek(0)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
     except Exception as e:  # truncated, empty or not a torch file: torch's message names no file
         raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read "
                               f"({type(e).__name__}: {e}); it is damaged: {fix}.") from e
     missing = sorted({"config", "model", "epoch", "history"} - set(ckpt if isinstance(ckpt, dict) else ()))
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {missing}, so it was not written by `train`: {fix}.")
-    return ckpt
+    return {**ckpt, "file sha256": digest}
 
 
 def _check_resume(trained: Config, config: Config, path, change_lr=False):
@@ -1279,23 +1392,49 @@ class RunInUseError(RuntimeError):
 
 
 @contextlib.contextmanager
-def _run_lock(run):
-    """Hold an exclusive lock on a run folder (flock on run/.lock, released by the kernel on any exit, kill -9
-    included), then remove what killed runs left there (temporary checkpoint and metrics files)."""
-    run.mkdir(parents=True, exist_ok=True)
-    with open(run / ".lock", "a+") as f:
+def _exclusive(lock, stale, in_use, unwritable):
+    """Hold an exclusive flock on the file `lock` (released by the kernel on any exit, kill -9 included) with this
+    pid in it, then remove the files beside it matching the glob `stale`: what killed holders left (the temporary
+    files of atomic_write). RunInUseError `in_use(pid)` while another process holds it; when its folder cannot be
+    written, the StorageError of _storage_error(..., *unwritable): what was not done, and where else to do it."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        raise _storage_error(e, lock.parent, *unwritable) or e from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise RunInUseError(f"run folder {run} is in use by another training (pid {f.read().strip() or '?'}); "
-                                f"wait for it to finish or stop it, or train into another run_dir.") from None
+            raise RunInUseError(in_use(f.read().strip() or "?")) from None
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
-        for tmp in run.glob(".*.part"):  # temporary files of atomic_write that a killed run left behind
+        for tmp in lock.parent.glob(stale):
             tmp.unlink(missing_ok=True)
         yield
+
+
+def _run_lock(run):
+    """Hold an exclusive lock on a run folder (run/.lock), then remove what killed runs left there (temporary
+    checkpoint and metrics files)."""
+    return _exclusive(run / ".lock", ".*.part",
+                      lambda pid: f"run folder {run} is in use by another training (pid {pid}); wait for it to "
+                                  f"finish or stop it, or train into another run_dir.",
+                      ("nothing was trained", "train into another run_dir (--set run_dir=...)"))
+
+
+def _in_use(path):
+    """Whether a process holds the lock file `path` (a training its run folder's .lock); False if there is none."""
+    try:
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1306,8 +1445,48 @@ def load_checkpoint(path, device="cpu"):
         raise FileNotFoundError(f"no checkpoint at {path}; train first (notebook 03 or `python dsvae_lib.py train`)")
     ckpt = _read_checkpoint(path, device)
     model = DSAE(config_from_dict(ckpt["config"], path)).to(device)
-    model.load_state_dict(ckpt["model"])
+    _load_state(model, ckpt["model"], path)
     return model.eval(), ckpt
+
+
+def _load_state(model, state, path):
+    """model.load_state_dict(state) of the file `path`; CheckpointError naming the file, the architecture fields
+    whose values its state and its config give differently, and the fix, when the state does not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        config = model.config
+        held = _architecture_of(state, config)
+        diff = ", ".join(f"{k}={v!r} in its model state, {getattr(config, k)!r} in its config" for k, v in held.items())
+        raise CheckpointError(
+            f"{path} holds a model of another architecture than its config describes ("
+            f"{diff or str(e).strip().splitlines()[-1].strip()}): it was edited, assembled from two runs or written "
+            f"by another version of dsvae_lib. Export it again from its run (python dsvae_lib.py export --profile "
+            f"{config.profile} --q-z {config.q_z}), or delete it and train that run again.") from None
+
+
+def _architecture_of(state, config: Config):
+    """{field: value} of the ARCHITECTURE fields whose values the shapes of a model `state` give otherwise than
+    `config`, read off models built on the meta device: q_z from the keys, each size from a dimension that it alone
+    sets."""
+    def shapes(**change):
+        with torch.device("meta"):
+            return {k: v.shape for k, v in DSAE(Config(**{**config.__dict__, **change})).state_dict().items()}
+    q_z = next((q for q in ("factorised", "full") if shapes(q_z=q).keys() == state.keys()), config.q_z)
+    base, sizes = shapes(q_z=q_z), [k for k in ARCHITECTURE if k != "q_z"]
+    moved = {k: shapes(q_z=q_z, **{k: getattr(config, k) + 1}) for k in sizes}  # the dimensions each size sets
+    held = {"q_z": q_z} if q_z != config.q_z else {}
+    for k in sizes:
+        for key, shape in base.items():
+            dims = [d for d in range(len(shape)) if moved[k][key][d] != shape[d]
+                    and all(moved[o][key][d] == shape[d] for o in sizes if o != k)]
+            if dims and key in state and state[key].dim() == len(shape):
+                d = dims[0]
+                value = getattr(config, k) + (state[key].shape[d] - shape[d]) // (moved[k][key][d] - shape[d])
+                if value != getattr(config, k):
+                    held[k] = value
+                break
+    return held
 
 
 def train_step(model, optimizer, x, config: Config, f_views=None):
@@ -1337,7 +1516,19 @@ def train(config: Config, progress=True, change_lr=False, train_data: Sprites | 
     """
     init = _warm_start(config)  # a bad init file is refused before anything is written
     with _run_lock(config.path):
-        return _train(config, progress, change_lr, train_data, test_data, init)
+        try:
+            return _train(config, progress, change_lr, train_data, test_data, init)
+        except StorageError as e:  # a full disk: say what the run keeps
+            raise StorageError(f"{e} The run: {saved_epochs(config.path)}; rerun the same command to resume.") from e
+
+
+def saved_epochs(run):
+    """What a run folder keeps, in words: its checkpoint's epoch (its last complete one) or that it has none."""
+    path = Path(run) / "checkpoint.pt"
+    if not path.is_file():
+        return f"no epoch finished, so {run} holds no checkpoint"
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # mmap: the tensors are not read
+    return f"{path} keeps the last complete epoch, {ckpt['epoch']} of {ckpt['config']['epochs']}"
 
 
 ARCHITECTURE = ("f_dim", "z_dim", "q_z", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden")
@@ -1363,7 +1554,7 @@ def _warm_start(config: Config):
         raise ValueError(f"init={config.init!r} holds another architecture ({', '.join(diff)}); warm-start from a "
                          f"file of the same architecture, or set those fields to its values")
     return {"model": ckpt["model"],  # a half-precision state loads into the fp32 model as in load_checkpoint
-            "record": {"path": str(path), "sha256": sha256(path), "epochs": ckpt["epoch"],
+            "record": {"path": str(path), "sha256": ckpt["file sha256"], "epochs": ckpt["epoch"],
                        "seconds": sum(r.get("seconds", 0.0) for r in ckpt["history"])}}
 
 
@@ -1425,7 +1616,7 @@ def _resume(ckpt_path, config: Config, model, optimizer, scheduler, change_lr):
     `_check_resume`); returns (history, epochs done, lr changes, warm start record)."""
     ckpt = _read_checkpoint(ckpt_path, model.device)
     _check_resume(config_from_dict(ckpt["config"], ckpt_path), config, ckpt_path, change_lr)
-    model.load_state_dict(ckpt["model"])
+    _load_state(model, ckpt["model"], ckpt_path)
     optimizer.load_state_dict(ckpt["optimizer"])
     for group in optimizer.param_groups:  # the saved groups carry the saved run's kernel; this run's config wins
         group["fused"], group["foreach"] = config.fused_adam or None, None
@@ -1500,20 +1691,24 @@ def export_weights(checkpoint, out, expected: Config | None = None):
     With `expected` (the profile's config), a checkpoint of another configuration or with fewer epochs is refused
     first."""
     ckpt = _read_checkpoint(checkpoint, "cpu")
+    trained = config_from_dict(ckpt["config"], checkpoint)  # a file this version cannot load is not exported
     if expected is not None:
         fix = f"train the profile's own run (python dsvae_lib.py train --profile {expected.profile} --set " \
               f"q_z={expected.q_z}) and export that"
-        if _comparable(config_from_dict(ckpt["config"], checkpoint)) != _comparable(expected):
+        if _comparable(trained) != _comparable(expected):
             raise ValueError(f"{checkpoint} was trained with another configuration than profile "
                              f"{expected.profile!r} defines; {fix}")
         if ckpt["epoch"] < expected.epochs:
             raise ValueError(f"{checkpoint} holds {ckpt['epoch']} of {expected.epochs} epochs; finish training "
                              f"before exporting it")
     state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save({"config": ckpt["config"], "model": state, "epoch": ckpt["epoch"], "history": ckpt["history"],
-                  "init": ckpt.get("init"), "source sha256": sha256(checkpoint)}, out)
-    return Path(out)
+    out = Path(out)
+    with _exclusive(out.parent / f".{out.name}.lock", f".{out.name}.*.part",  # what a killed export left goes
+                    lambda pid: f"{out} is being written by another export (pid {pid}); wait for it to finish",
+                    (f"{out.name} was not written",)):
+        _atomic_save({"config": ckpt["config"], "model": state, "epoch": ckpt["epoch"], "history": ckpt["history"],
+                      "init": ckpt.get("init"), "source sha256": ckpt["file sha256"]}, out)
+    return out
 
 
 def trained_model(config: Config, weights=True, folder=None, progress=True):
@@ -1935,7 +2130,7 @@ def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit
     evaluated: the file and its SHA-256, epochs, config, warm start, training time and the last ELBO terms."""
     codes = encode_all(model, test, limit)  # once, for the judge protocol and the probe
     rows, confusions = evaluate(model, judge, test, seeds, limit, progress, codes=codes)
-    record = {"checkpoint": _shown_path(path), "checkpoint sha256": sha256(path), "epochs": ckpt["epoch"],
+    record = {"checkpoint": _shown_path(path), "checkpoint sha256": ckpt["file sha256"], "epochs": ckpt["epoch"],
               "processor": processor_name(model.device.type),  # where and in what it was evaluated: bf16 kernels
               "arithmetic": arithmetic(model.device, model.config.bf16),  # differ a little
               "config": ckpt["config"], "init": ckpt.get("init"),
@@ -1969,12 +2164,13 @@ def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True
     "runs": {name: record}} with each run named by its folder (a file by its name without .pt), merged into the JSON
     file `out` when given (`merge_runs`), so a study's evaluations can grow run by run."""
     files = run_files(paths)
+    merge_runs(out, {}, {})  # a damaged `out` is refused before any checkpoint is loaded or the judge runs
     device = pick_device()
-    judge, test, head = _judge_protocol(profile, seeds, device, progress)
-    head["judge"] = {"profile": profile, **head["judge"]}
-    models = {name: load_checkpoint(file, device) for name, file in files.items()}
+    models = {name: load_checkpoint(file, device) for name, file in files.items()}  # each its last complete epoch
     for model, _ in models.values():
         model.config.bf16 &= not fp32
+    judge, test, head = _judge_protocol(profile, seeds, device, progress)
+    head["judge"] = {"profile": profile, **head["judge"]}
     merge_runs(out, head, {})  # a file of another protocol is refused before the long part
     limit = head["test sequences"]  # the protocol's, as recorded
     evaluated = {name: evaluate_run(*models[name], file, judge, test, seeds, limit, progress)
@@ -1985,15 +2181,15 @@ def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True
 def merge_runs(out, head, runs):
     """{**head, "runs": ...}: `runs` added to those the JSON file `out` holds (a run again replaces its entry), written
     atomically under a lock so that two processes can grow one file; `out` None: nothing is read or written. A file
-    whose head (what was read, and how: every key of `head`) differs is refused, unchanged, so that every row of one
-    file compares."""
+    that is not JSON, or whose head (what was read, and how: every key of `head`) differs, is refused, unchanged, so
+    that every row of one file compares."""
     if out is None:
         return {**head, "runs": runs}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(f".{out.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        kept = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+        kept = read_json(out, "delete it or write to another file (--out)") if out.is_file() else {"runs": {}}
         if kept["runs"] and {k: kept.get(k) for k in head} != json.loads(json.dumps(head, default=list)):
             raise ValueError(f"{out} holds evaluations with another judge, data, test sequences or seeds; write "
                              f"these to another file (--out) so that every row of one file compares")
@@ -2693,6 +2889,8 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
     notebooks = sorted(NOTEBOOKS.glob("0*.ipynb")) if notebooks is None else [Path(n) for n in notebooks]
     out = Path(out or REPORTS)
     out.mkdir(parents=True, exist_ok=True)
+    if (done := finish_copy_back(out / COPY_BACK)) is not None:  # a copy-back cut short by a kill: all or none
+        print(f"the copy-back of the last report was cut short: {'completed' if done else 'undone'} now")
     build_cache()
     stage = Path(tempfile.mkdtemp(dir=out, prefix=".run-"))
     previous = os.environ.get("DSVAE_FIGURES")
@@ -2739,24 +2937,65 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
         print(f"notebooks/ and figures/ left as they are: {profile!r} is not a profile of record, or the report is "
               f"not of its weights of record (RECORD=1 / --record copies it back anyway)")
         return out
-    for nb in notebooks:
-        shutil.copyfile(out / nb.name, nb)
-    figures = out / "figures"
-    if figures.is_dir():
-        dest = ROOT / get_profile(profile).figures
-        for f in sorted(p for p in figures.rglob("*") if p.is_file()):  # with the ablations' folders
-            atomic_write(dest / f.relative_to(figures), f.read_bytes())
-        for a in get_profile(profile).ablations:  # an ablation this report did not evaluate is not kept either
-            if not (figures / a).is_dir():
-                shutil.rmtree(dest / a, ignore_errors=True)
-    print(f"copied back: {len(notebooks)} notebooks into {notebooks[0].parent if notebooks else NOTEBOOKS}"
-          + (f", figures into {ROOT / get_profile(profile).figures}" if figures.is_dir() else ""))
-    metrics = ROOT / get_profile(profile).figures / "metrics.json"
+    files = {nb: out / nb.name for nb in notebooks}
+    figures, dest = out / "figures", ROOT / get_profile(profile).figures
+    files.update({dest / f.relative_to(figures): f for f in sorted(figures.rglob("*")) if f.is_file()})  # ablations'
+    gone = [dest / a for a in get_profile(profile).ablations  # an ablation this report did not evaluate goes too
+            if figures.is_dir() and not (figures / a).is_dir()]
     readme = ROOT / "README.md"  # the results of record only: never a smoke run's, even when copied back
-    if get_profile(profile).of_record and weights and metrics.is_file() and README_BEGIN in readme.read_text():
-        print(f"README results rewritten from {metrics.relative_to(ROOT)}"
-              f" and its ablations' metrics: {update_readme(metrics, readme, ablation_metrics(profile, figures))}")
+    if get_profile(profile).of_record and weights and (figures / "metrics.json").is_file() \
+            and README_BEGIN in readme.read_text():
+        files[readme] = readme_text(figures / "metrics.json", readme, ablation_metrics(profile, figures))
+    replace_all(files, out / COPY_BACK, gone)
+    print(f"copied back: {len(notebooks)} notebooks into {notebooks[0].parent if notebooks else NOTEBOOKS}"
+          + (f", figures into {dest}" if figures.is_dir() else "")
+          + (f"; README results rewritten from {_shown_path(dest / 'metrics.json')} and its ablations' metrics"
+             if readme in files else ""))
     return out
+
+
+COPY_BACK = ".copy-back.json"  # the journal of a report's copy-back, in the report's folder
+
+
+def replace_all(files, journal, gone=()):
+    """Replace each file of `files` ({destination: source path, or text}) and remove the folders `gone`, as a whole:
+    each new file is first written beside its destination (.<name>.copy-back.part), then the journal file `journal`
+    records the commit, then every one is renamed over its destination (each atomically). A process killed before
+    the commit changed nothing; one killed after it is completed by `finish_copy_back(journal)`, which a report
+    calls first: either all the files are replaced, or none."""
+    moves = [(Path(d).parent / f".{Path(d).name}.copy-back.part", Path(d), source) for d, source in files.items()]
+    plan = {"moves": [[str(tmp), str(d)] for tmp, d, _ in moves], "gone": list(map(str, gone))}
+    _atomic_write_text(journal, json.dumps({**plan, "committed": False}))  # what to undo, if killed before the commit
+    try:
+        for tmp, _, source in moves:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, str):
+                tmp.write_bytes(source.encode())
+            else:
+                shutil.copyfile(source, tmp)
+    except BaseException:  # a full disk or Ctrl-C, say: undone at once
+        finish_copy_back(journal)
+        raise
+    _atomic_write_text(journal, json.dumps({**plan, "committed": True}))
+    finish_copy_back(journal)
+
+
+def finish_copy_back(journal):
+    """Complete the copy-back recorded in `journal` (see replace_all) if it was committed, else undo it (remove its
+    temporary files); then remove the journal. Returns whether it was completed; None when there was none."""
+    journal = Path(journal)
+    if not journal.is_file():
+        return None
+    plan = json.loads(journal.read_text())
+    for tmp, dest in plan["moves"]:
+        if plan["committed"] and Path(tmp).exists():
+            os.replace(tmp, dest)
+        else:
+            Path(tmp).unlink(missing_ok=True)
+    for folder in plan["gone"] if plan["committed"] else ():
+        shutil.rmtree(folder, ignore_errors=True)
+    journal.unlink()
+    return plan["committed"]
 
 
 # ----------------------------------------------------------------------------- the report: the README's results
@@ -2821,11 +3060,14 @@ def results_markdown(metrics, ablations=None):
     return "\n".join(lines)
 
 
+_REWRITE_METRICS = "write it again (python dsvae_lib.py report) or restore it from git (git checkout -- <file>)"
+
+
 def ablation_metrics(profile, folder=None):
     """{ablation profile: its metrics.json} for the ablations of `profile` that have been evaluated (their files in
     <folder>/<ablation>/; folder: the profile's figures folder of record, whatever $DSVAE_FIGURES says)."""
     folder = Path(folder or ROOT / get_profile(profile).figures)
-    return {a: json.loads(path.read_text()) for a in get_profile(profile).ablations
+    return {a: read_json(path, _REWRITE_METRICS) for a in get_profile(profile).ablations
             if (path := folder / a / "metrics.json").is_file()}
 
 
@@ -2833,15 +3075,20 @@ def update_readme(metrics_path, readme=None, ablations=None):
     """Replace the README's results section (between its markers) with `results_markdown` of a metrics.json and of
     its ablations' ({profile name: metrics})."""
     readme = Path(readme or ROOT / "README.md")
+    _atomic_write_text(readme, readme_text(metrics_path, readme, ablations))
+    return readme
+
+
+def readme_text(metrics_path, readme, ablations=None):
+    """The text of `readme` with its results section rewritten as `update_readme` writes it."""
     text = readme.read_text()
     if README_BEGIN not in text or README_END not in text:
         raise ValueError(f"{readme} has no results markers; put the lines\n{README_BEGIN}\n{README_END}\n"
                          f"where the results table belongs")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    body = results_markdown(json.loads(Path(metrics_path).read_text()), ablations)
-    _atomic_write_text(readme, f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}")
-    return readme
+    body = results_markdown(read_json(metrics_path, _REWRITE_METRICS), ablations)
+    return f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}"
 
 
 # ----------------------------------------------------------------------------- command line
@@ -2884,14 +3131,15 @@ def main(argv=None):
     r.add_argument("--no-weights", action="store_true",
                    help="use (or train) the runs under runs/ instead of the committed weights of record")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the command, to say how to rerun it
     try:
         profile = default_profile(getattr(args, "profile", None))
     except ValueError as e:  # $DSVAE_PROFILE names no profile
         parser.error(str(e))
     try:
         _command(parser, args, profile)
-    except (SheetError, CacheError, CheckpointError, RunInUseError, FloatingPointError, ValueError,
-            FileNotFoundError) as e:
+    except (SheetError, CacheError, CheckpointError, RunInUseError, StorageError, EvaluationError, FloatingPointError,
+            ValueError, FileNotFoundError) as e:
         parser.exit(1, f"error: {e}\n")
 
 
@@ -2912,9 +3160,12 @@ def _command(parser, args, profile):
     if args.command == "evaluate":
         result = evaluate_runs(args.runs, profile, args.out, tuple(args.seeds), fp32=args.fp32)
         keys = ("z kept: motion", "z kept: IS", *(f"f kept: {a}" for a in ATTRIBUTES), "recon: skin", "recon: pants")
-        for name in run_files(args.runs):
-            summary = result["runs"][name]["summary"]
-            print(name, "  ".join(f"{k} {summary[k]['mean'] * (1 if 'IS' in k else 100):.2f}" for k in keys))
+        for name, file in run_files(args.runs).items():
+            run = result["runs"][name]
+            training = "; its run is still training, so this is its last complete checkpoint" \
+                if _in_use(file.parent / ".lock") else ""
+            print(f"{name}: {file}, epoch {run['epochs']} of {run['config']['epochs']}{training}")
+            print(name, "  ".join(f"{k} {run['summary'][k]['mean'] * (1 if 'IS' in k else 100):.2f}" for k in keys))
         print(f"{args.out}: {len(result['runs'])} runs")
         return
     if args.command == "diagnose":
@@ -2953,7 +3204,12 @@ def _command(parser, args, profile):
         config = make_config(profile, **overrides)
     except (TypeError, ValueError) as e:
         parser.error(str(e))
-    _, history = train(config, change_lr=args.change_lr)
+    try:
+        _, history = train(config, change_lr=args.change_lr)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to go on, instead of a traceback
+        command = shlex.join([parser.prog.split()[0], *args.argv])
+        parser.exit(130, f"interrupted: {saved_epochs(config.path)}. To resume, run the same command again: "
+                         f"{'python ' if command.startswith('dsvae_lib.py') else ''}{command}\n")
     print(json.dumps(history[-1], indent=1))
 
 
