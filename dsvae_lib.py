@@ -542,7 +542,7 @@ def atomic_write(path, payload):
     except BaseException as e:
         if f is not None:
             Path(f.name).unlink(missing_ok=True)
-        storage = _storage_error(e, path.parent, f"{path.name} was not written (a previous one is kept)")
+        storage = StorageError.of(e, path.parent, f"{path.name} was not written (a previous one is kept)")
         if storage is None:
             raise
         raise storage from e
@@ -551,25 +551,23 @@ def atomic_write(path, payload):
 
 class StorageError(RuntimeError):
     """A folder cannot be written: its file system is full, read-only or not ours to write."""
+    REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
 
-
-_STORAGE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-            errno.EPERM: "operation not permitted"}
-
-
-def _storage_error(e, folder, consequence, elsewhere="write elsewhere"):
-    """A StorageError naming `folder`, what happened, `consequence` and the fix (free space or make it writable, or
-    `elsewhere`) when `e` or the exception it arose from is a full, read-only or forbidden file system (torch's
-    writer, for one, reports a full disk as a RuntimeError raised while handling the OSError); else None."""
-    while e is not None and not (isinstance(e, OSError) and e.errno in _STORAGE):
-        e = e.__cause__ or e.__context__
-    if e is None:
-        return None
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    free = f" ({shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free)" if full and Path(folder).is_dir() else ""
-    fix = "Free space there" if full else "Make it writable"
-    return StorageError(f"cannot write in {folder}: {_STORAGE[e.errno]}{free}; {consequence}. {fix}, or {elsewhere}.")
+    @classmethod
+    def of(cls, e, folder, consequence, elsewhere="write elsewhere"):
+        """A StorageError naming `folder`, what happened, `consequence` and the fix (free space or make it writable,
+        or `elsewhere`) when `e` or the exception it arose from is a full, read-only or forbidden file system (torch's
+        writer, for one, reports a full disk as a RuntimeError raised while handling the OSError); else None."""
+        while e is not None and not (isinstance(e, OSError) and e.errno in cls.REASONS):
+            e = e.__cause__ or e.__context__
+        if e is None:
+            return None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        free = f" ({shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free)" if full and Path(folder).is_dir() else ""
+        fix = "Free space there" if full else "Make it writable"
+        return cls(f"cannot write in {folder}: {cls.REASONS[e.errno]}{free}; {consequence}. {fix}, or {elsewhere}.")
 
 
 # ----------------------------------------------------------------------------- data: the build
@@ -1396,12 +1394,12 @@ def _exclusive(lock, stale, in_use, unwritable):
     """Hold an exclusive flock on the file `lock` (released by the kernel on any exit, kill -9 included) with this
     pid in it, then remove the files beside it matching the glob `stale`: what killed holders left (the temporary
     files of atomic_write). RunInUseError `in_use(pid)` while another process holds it; when its folder cannot be
-    written, the StorageError of _storage_error(..., *unwritable): what was not done, and where else to do it."""
+    written, the StorageError of StorageError.of(..., *unwritable): what was not done, and where else to do it."""
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         f = open(lock, "a+")
     except OSError as e:
-        raise _storage_error(e, lock.parent, *unwritable) or e from None
+        raise StorageError.of(e, lock.parent, *unwritable) or e from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2235,7 +2233,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
             record = {**evaluate_run(*loaded[q], path, judge, test, seeds, head["test sequences"], progress,
                                      load_sprites("train"), get_profile(profile).probe_limit),
                       "evaluation key": key, "commit": git_commit(),
-                      "spot check": {**SPOT_CHECK, "row": spot_row(loaded[q][0], judge, test)}}
+                      "spot check": {**SPOT_CHECK, "rows": spot_rows(loaded[q][0], judge, test)}}
             record = json.loads(json.dumps(record, default=list))  # as the file will hold it
             record["digest"] = _digest(record)
         else:  # what the cache holds must still be what the weights give
@@ -2282,28 +2280,40 @@ def evaluation_key(path, judge, head, probe_limit):
 SPOT_CHECK = {"sequences": 270, "seed": 0, "tolerance points": 1.5}  # 30 characters x 9 motions; see spot_check
 
 
-def spot_row(model, judge, test):
-    """The metrics of `evaluate` with the spot check's sampling seed on the first SPOT_CHECK["sequences"] test
-    sequences: one row."""
-    rows, _ = evaluate(model, judge, test, seeds=(SPOT_CHECK["seed"],), limit=SPOT_CHECK["sequences"], progress=False)
-    return rows[0]
+def spot_rows(model, judge, test, arithmetics=None):
+    """{arithmetic: the metrics of `evaluate` with the spot check's sampling seed on the first
+    SPOT_CHECK["sequences"] test sequences} in fp32, and in bf16 where the device has it natively (or `arithmetics`)."""
+    native = _bf16_on(model.device)
+    rows, bf16 = {}, model.config.bf16
+    for arith in arithmetics or (("bf16", "fp32") if native else ("fp32",)):
+        model.config.bf16 = arith == "bf16"
+        try:
+            rows[arith] = evaluate(model, judge, test, seeds=(SPOT_CHECK["seed"],), limit=SPOT_CHECK["sequences"],
+                                   progress=False)[0][0]
+        finally:
+            model.config.bf16 = bf16
+    return rows
 
 
 def spot_check(record, model, judge, test, source):
-    """Verify a stored run: its digest (no number changed since it was computed), then its spot row (`spot_row`),
-    recomputed, against the stored one, accuracy by accuracy; EvaluationError naming the file, the metric and the
-    fix when the digest differs or an accuracy by more than the tolerance, else a line that says how close it came.
-    The tolerance, 1.5 points, is twice the largest difference that bf16 against fp32 arithmetic made on these
-    sequences (0.74 points, benchmarks/README.md), and below the 2 points of an edited number."""
+    """Verify a stored run: its digest (no number changed since it was computed), then its spot row in this device's
+    arithmetic (fp32 where the record has none in it), recomputed, against the stored one, accuracy by accuracy;
+    EvaluationError naming the file, the metric and the fix when the digest differs or an accuracy by more than the
+    tolerance, else a line that says how close it came. Like is compared with like: on these 270 sequences bf16 and
+    fp32 on one CPU differ by up to 1.85 points (5 sequences; benchmarks/README.md), while one arithmetic on two CPUs
+    differed by at most 0.09 points over all 2664 test sequences. 1.5 points is 4 sequences, below an edit's 2."""
     if record.get("digest") != _digest(record):
         raise EvaluationError(f"{_shown_path(source)}: a stored evaluation was changed after it was computed (its "
                               f"digest no longer matches); rerun it from scratch (make report FRESH=1)")
-    now, then = spot_row(model, judge, test), record["spot check"]["row"]
+    stored = record["spot check"]["rows"]
+    arith = arithmetic(model.device, model.config.bf16)
+    arith = arith if arith in stored else "fp32"
+    now, then = spot_rows(model, judge, test, (arith,))[arith], stored[arith]
     gaps = {k: 100 * abs(now[k] - then[k]) for k in then if ":" in k and "IS" not in k and "H(y" not in k}
     worst = max(gaps, key=gaps.get)
     line = (f"spot check (sampling seed {SPOT_CHECK['seed']}, first {SPOT_CHECK['sequences']} test sequences, "
-            f"{arithmetic(model.device, model.config.bf16)}): largest difference from the stored numbers "
-            f"{gaps[worst]:.2f} points ({worst}); tolerance {SPOT_CHECK['tolerance points']}")
+            f"{arith}): largest difference from the stored numbers {gaps[worst]:.2f} points ({worst}); "
+            f"tolerance {SPOT_CHECK['tolerance points']}")
     if gaps[worst] > SPOT_CHECK["tolerance points"]:
         raise EvaluationError(f"{_shown_path(source)}: {line}. The stored evaluation is stale or wrong: rerun it "
                               f"from scratch (make report FRESH=1, or evaluate_profile(..., fresh=True)).")
@@ -2884,7 +2894,6 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
     ReportError naming it, leaves the repository and the last report as they were, and keeps its partial output
     in <out>/failed/.
     """
-    import papermill as pm
     profile = default_profile(profile)  # an unknown profile fails here, before anything runs
     notebooks = sorted(NOTEBOOKS.glob("0*.ipynb")) if notebooks is None else [Path(n) for n in notebooks]
     out = Path(out or REPORTS)
@@ -2896,22 +2905,8 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
     previous = os.environ.get("DSVAE_FIGURES")
     os.environ["DSVAE_FIGURES"] = str(stage / "figures")
     try:
-        for i, nb in enumerate(notebooks):
-            print(f"[{i + 1}/{len(notebooks)}] {nb.name} (profile {profile})", flush=True)
-            try:
-                params = {"profile": profile, **({} if weights else {"weights": False}), **({"fresh": True} if fresh else {})}
-                pm.execute_notebook(str(nb), str(stage / nb.name), parameters=params, cwd=str(nb.parent),
-                                    progress_bar=progress)
-            except Exception as e:
-                failed = out / "failed"
-                shutil.rmtree(failed, ignore_errors=True)
-                failed.mkdir()
-                if (stage / nb.name).is_file():
-                    shutil.move(stage / nb.name, failed / nb.name)
-                raise ReportError(
-                    f"notebook {nb.name} failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
-                    f"its output up to the failing cell is in {failed / nb.name}. The repository and the last report "
-                    f"in {out} are unchanged.") from e
+        params = {"profile": profile, **({} if weights else {"weights": False}), **({"fresh": True} if fresh else {})}
+        timings = _run_notebooks(notebooks, stage, out, params, progress)
         staged = stage / "figures"  # printed by the notebooks as where their figures go: say where they end up
         final = ROOT / get_profile(profile).figures
         paths = {str(staged): str(final), os.path.relpath(staged, ROOT): os.path.relpath(final, ROOT)}
@@ -2920,6 +2915,7 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
             write_notebook(clean_notebook(json.loads(path.read_text()), paths), path)
             _export_html(path, stage)
         write_index(stage, profile, [nb.name for nb in notebooks])
+        atomic_write(stage / "timings.json", json.dumps(timings, indent=1))
         for item in stage.iterdir():
             target = out / item.name
             if target.is_dir():
@@ -2932,11 +2928,47 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
         else:
             os.environ["DSVAE_FIGURES"] = previous
         shutil.rmtree(stage, ignore_errors=True)
-    print(f"report written to {out}/index.html (profile {profile})")
+    print(f"report written to {out}/index.html (profile {profile}) in {sum(timings['seconds'].values()):.0f} s")
     if not (record or (get_profile(profile).of_record and weights)):
         print(f"notebooks/ and figures/ left as they are: {profile!r} is not a profile of record, or the report is "
               f"not of its weights of record (RECORD=1 / --record copies it back anyway)")
         return out
+    _copy_back(notebooks, out, profile, weights)
+    return out
+
+
+def _run_notebooks(notebooks, stage, out, params, progress):
+    """Execute each notebook with papermill into `stage`, saying which runs and how long the last report took on it
+    (<out>/timings.json); ReportError naming the first that fails, its partial output kept in <out>/failed/.
+    Returns the timings: seconds per notebook, the processor and the arithmetic."""
+    import papermill as pm
+    last = json.loads((out / "timings.json").read_text()).get("seconds", {}) if (out / "timings.json").is_file() else {}
+    timings = {"profile": params["profile"], "processor": processor_name(pick_device().type),
+               "arithmetic": arithmetic(pick_device()), "seconds": {}}
+    for i, nb in enumerate(notebooks):
+        estimate = f"; last report: {last[nb.name]:.0f} s" if nb.name in last else ""
+        print(f"[{i + 1}/{len(notebooks)}] {nb.name} (profile {params['profile']}{estimate})", flush=True)
+        t0 = time.time()
+        try:
+            pm.execute_notebook(str(nb), str(stage / nb.name), parameters=params, cwd=str(nb.parent),
+                                progress_bar=progress)
+        except Exception as e:
+            failed = out / "failed"
+            shutil.rmtree(failed, ignore_errors=True)
+            failed.mkdir()
+            if (stage / nb.name).is_file():
+                shutil.move(stage / nb.name, failed / nb.name)
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            raise ReportError(f"notebook {nb.name} failed ({type(e).__name__}: {reason}); its output up to the failing "
+                              f"cell is in {failed / nb.name}. The repository and the last report in {out} are "
+                              f"unchanged.") from e
+        timings["seconds"][nb.name] = round(time.time() - t0, 1)
+    return timings
+
+
+def _copy_back(notebooks, out, profile, weights):
+    """Copy a published report of record back into the repository as a whole (`replace_all`): the cleaned
+    notebooks, the figures (an ablation's folder this report did not write goes) and the README's results."""
     files = {nb: out / nb.name for nb in notebooks}
     figures, dest = out / "figures", ROOT / get_profile(profile).figures
     files.update({dest / f.relative_to(figures): f for f in sorted(figures.rglob("*")) if f.is_file()})  # ablations'
@@ -2951,7 +2983,6 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
           + (f", figures into {dest}" if figures.is_dir() else "")
           + (f"; README results rewritten from {_shown_path(dest / 'metrics.json')} and its ablations' metrics"
              if readme in files else ""))
-    return out
 
 
 COPY_BACK = ".copy-back.json"  # the journal of a report's copy-back, in the report's folder
@@ -3137,7 +3168,7 @@ def main(argv=None):
     except ValueError as e:  # $DSVAE_PROFILE names no profile
         parser.error(str(e))
     try:
-        _command(parser, args, profile)
+        (_study_command if args.command in ("study", "evaluate", "diagnose") else _command)(parser, args, profile)
     except (SheetError, CacheError, CheckpointError, RunInUseError, StorageError, EvaluationError, FloatingPointError,
             ValueError, FileNotFoundError) as e:
         parser.exit(1, f"error: {e}\n")
@@ -3149,28 +3180,6 @@ def _command(parser, args, profile):
         if args.verify:
             verify_cache(folder)
         print(folder)
-        return
-    if args.command == "study":
-        missing = [r for r in args.runs if not (Path(r) / "checkpoint.pt").is_file()]
-        if missing:
-            parser.error(f"no checkpoint.pt in {missing}; pass run folders such as runs/cpu-full")
-        study = collect_study(args.runs, out=args.out)
-        print(f"{args.out}: {len(study)} runs ({', '.join(study)})")
-        return
-    if args.command == "evaluate":
-        result = evaluate_runs(args.runs, profile, args.out, tuple(args.seeds), fp32=args.fp32)
-        keys = ("z kept: motion", "z kept: IS", *(f"f kept: {a}" for a in ATTRIBUTES), "recon: skin", "recon: pants")
-        for name, file in run_files(args.runs).items():
-            run = result["runs"][name]
-            training = "; its run is still training, so this is its last complete checkpoint" \
-                if _in_use(file.parent / ".lock") else ""
-            print(f"{name}: {file}, epoch {run['epochs']} of {run['config']['epochs']}{training}")
-            print(name, "  ".join(f"{k} {run['summary'][k]['mean'] * (1 if 'IS' in k else 100):.2f}" for k in keys))
-        print(f"{args.out}: {len(result['runs'])} runs")
-        return
-    if args.command == "diagnose":
-        out = args.out or STUDY / f"{args.kind}{'-fp32' if args.kind == 'latent-probe' else ''}.json"
-        print(f"{out}: {len(diagnose(args.kind, args.runs, out, profile)['runs'])} runs")
         return
     if args.command == "readme":
         if not get_profile(profile).of_record:
@@ -3211,6 +3220,29 @@ def _command(parser, args, profile):
         parser.exit(130, f"interrupted: {saved_epochs(config.path)}. To resume, run the same command again: "
                          f"{'python ' if command.startswith('dsvae_lib.py') else ''}{command}\n")
     print(json.dumps(history[-1], indent=1))
+
+
+def _study_command(parser, args, profile):
+    """`dsvae study`, `dsvae evaluate` and `dsvae diagnose`: the commands that write the study's data (study/)."""
+    if args.command == "study":
+        missing = [r for r in args.runs if not (Path(r) / "checkpoint.pt").is_file()]
+        if missing:
+            parser.error(f"no checkpoint.pt in {missing}; pass run folders such as runs/cpu-full")
+        study = collect_study(args.runs, out=args.out)
+        print(f"{args.out}: {len(study)} runs ({', '.join(study)})")
+    elif args.command == "diagnose":
+        out = args.out or STUDY / f"{args.kind}{'-fp32' if args.kind == 'latent-probe' else ''}.json"
+        print(f"{out}: {len(diagnose(args.kind, args.runs, out, profile)['runs'])} runs")
+    else:
+        result = evaluate_runs(args.runs, profile, args.out, tuple(args.seeds), fp32=args.fp32)
+        keys = ("z kept: motion", "z kept: IS", *(f"f kept: {a}" for a in ATTRIBUTES), "recon: skin", "recon: pants")
+        for name, file in run_files(args.runs).items():
+            run = result["runs"][name]
+            training = "; its run is still training, so this is its last complete checkpoint" \
+                if _in_use(file.parent / ".lock") else ""
+            print(f"{name}: {file}, epoch {run['epochs']} of {run['config']['epochs']}{training}")
+            print(name, "  ".join(f"{k} {run['summary'][k]['mean'] * (1 if 'IS' in k else 100):.2f}" for k in keys))
+        print(f"{args.out}: {len(result['runs'])} runs")
 
 
 # ============================================================================= beyond the paper

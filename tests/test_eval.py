@@ -417,7 +417,7 @@ def test_a_stale_evaluation_is_recomputed_when_any_part_of_its_key_changes(smoke
     run["evaluation key"][field] = "something else"
     path.write_text(json.dumps(stored))
     monkeypatch.setattr(dsae, "evaluate_run", lambda *a, **k: calls.append(a[2]) or dict(run))  # what it computes
-    monkeypatch.setattr(dsae, "spot_row", lambda *a: run["spot check"]["row"])  # is not the point here
+    monkeypatch.setattr(dsae, "spot_rows", lambda *a: run["spot check"]["rows"])  # is not the point here
     again = dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
     assert len(calls) == 1 and again["runs"]["factorised"]["evaluation key"][field] != "something else"
 
@@ -451,7 +451,8 @@ def test_a_stored_evaluation_edited_by_two_points_fails_loudly(smoke_record, edi
     stored = json.loads(path.read_text())
     run = stored["runs"]["factorised"]
     if edit == "spot check":  # the stored numbers the spot check recomputes, and the digest made to match
-        run["spot check"]["row"]["z kept: motion"] += 0.02
+        for row in run["spot check"]["rows"].values():
+            row["z kept: motion"] += 0.02
         run["digest"] = dsae._digest(run)
         match = r"largest difference from the stored numbers 2\.00 points \(z kept: motion\); tolerance"
     else:  # a headline number

@@ -327,7 +327,7 @@ def test_retired_options_load_at_their_defaults_and_name_the_commit_that_runs_th
     config = dsae.make_config("smoke")
     state = dsae.DSAE(config).state_dict()
     for extra, message in (({"f_film": False, "kl_warmup": 0.0}, None),
-                           ({"f_first": True}, f"retired option f_first=True, an option this version.*{dsae.RETIRED_AT}"),
+                           ({"f_first": True}, f"f_first=True, an option this version.*{dsae.RETIRED_AT}"),
                            ({"f_unheard_of": 1}, "f_unheard_of=1, which this version of dsvae_lib does not know")):
         path = tmp_path / "w.pt"
         torch.save({"config": {**config.__dict__, **extra}, "model": state, "epoch": 1, "history": []}, path)
