@@ -2393,13 +2393,25 @@ def _img_html(payload, mime, width, height, alt=""):
             f'style="image-rendering: pixelated" alt="{alt}"/>')
 
 
-def gif_html(videos, fps=8, scale=2):
+def gif_html(videos, fps=8, scale=2, caption=None):
     """GIF embedded as an <img> (shows in JupyterLab and in the exported HTML alike). The GIF keeps the frames'
-    own resolution and the browser enlarges it `scale` times, so the notebook stays small."""
+    own resolution and the browser enlarges it `scale` times, so the notebook stays small. With `caption`: a figure
+    of the GIF's width with the caption under it, set inline, so that several sit side by side (`gifs_html`)."""
+    import html
     from IPython.display import HTML
     payload = gif_bytes(videos, fps, 1)
     w, h = Image.open(io.BytesIO(payload)).size
-    return HTML(_img_html(payload, "image/gif", scale * w, scale * h, "animation"))
+    img = _img_html(payload, "image/gif", scale * w, scale * h, "animation")
+    if caption is None:
+        return HTML(img)
+    style = f"display: inline-block; vertical-align: top; width: {scale * w}px; margin: 0 2em 1em 0"
+    return HTML(f'<figure style="{style}">{img}<figcaption>{html.escape(caption)}</figcaption></figure>')
+
+
+def gifs_html(videos, fps=8, scale=2):
+    """Captioned GIFs side by side, {caption: videos}, as one HTML output."""
+    from IPython.display import HTML
+    return HTML("".join(gif_html(v, fps, scale, caption).data for caption, v in videos.items()))
 
 
 def plot_history(history, title=None):
@@ -2466,26 +2478,64 @@ def interleave(*videos):
     return np.stack([v[i] for i in range(len(videos[0])) for v in videos])
 
 
-def figure_png(fig, dpi=FIGURE_DPI, colors=256):
-    """PNG bytes of a matplotlib figure, reduced to an adaptive palette of `colors` (a fraction of the RGB size)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    image = Image.open(buf).convert("RGB").quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+def _palette_png(image, colors=256):
+    """PNG bytes of a PIL image reduced to an adaptive palette of `colors` (a fraction of the RGB size)."""
+    image = image.convert("RGB").quantize(colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=True)
     return out.getvalue()
 
 
-def show_figure(fig, name=None, folder=None, dpi=FIGURE_DPI):
-    """Display a figure as a palette PNG (`figure_png`; saved too when `name` and `folder` are given), and
-    close it: the notebook then holds that one compact image, not a second rendering by the inline backend."""
+def figure_png(fig, dpi=FIGURE_DPI, colors=256):
+    """PNG bytes of a matplotlib figure, reduced to an adaptive palette of `colors` (a fraction of the RGB size)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return _palette_png(Image.open(buf), colors)
+
+
+def stacked_png(pngs, gap=24, colors=256):
+    """PNG images one above the other (left-aligned, white between) as one palette PNG: figures that each keep
+    their pixels, shown together."""
+    images = [Image.open(io.BytesIO(p)).convert("RGB") for p in pngs]
+    out = Image.new("RGB", (max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1)),
+                    "white")
+    y = 0
+    for image in images:
+        out.paste(image, (0, y))
+        y += image.height + gap
+    return _palette_png(out, colors)
+
+
+def show_figures(figs, name=None, folders=(), combined=None, dpi=FIGURE_DPI):
+    """Display figures one above the other as one palette PNG (`stacked_png`) and close them: the notebook then
+    holds that one compact image, not a rendering by the inline backend. With `name`, figs[i] is saved as
+    <folders[i]>/<name>.png; with `combined` (and several figures), the stack as <folders[0]>/<combined>.png."""
     import matplotlib.pyplot as plt
     from IPython.display import Image as ImageDisplay
-    payload = figure_png(fig, dpi)
-    if name is not None:
-        atomic_write(Path(folder) / f"{name}.png", payload)
-    plt.close(fig)
+    pngs = [figure_png(fig, dpi) for fig in figs]
+    for fig, png, folder in zip(figs, pngs, folders if name is not None else ()):
+        atomic_write(Path(folder) / f"{name}.png", png)
+    for fig in figs:
+        plt.close(fig)
+    payload = pngs[0] if len(pngs) == 1 else stacked_png(pngs)
+    if combined and len(pngs) > 1:
+        atomic_write(Path(folders[0]) / f"{combined}.png", payload)
     return ImageDisplay(data=payload, format="png")
+
+
+def show_figure(fig, name=None, folder=None, dpi=FIGURE_DPI):
+    """Display a figure as a palette PNG (`figure_png`; saved too when `name` and `folder` are given), and
+    close it (`show_figures` of one)."""
+    return show_figures([fig], name, [folder], dpi=dpi)
+
+
+def figure_caption(profile, ckpt, path):
+    """What a figure shows: profile (and what it changes beyond the paper), q variant, epochs (a warm start's as
+    "32 + 6"), training seed and weights file of a checkpoint (`model_of_record`)."""
+    config, beyond = ckpt["config"], ", ".join(beyond_the_paper(ckpt["config"]))
+    epochs = _epochs_label({"init": ckpt.get("init"), "epochs": ckpt["epoch"]})
+    return (f"profile {profile}" + (f" (beyond the paper: {beyond})" if beyond else "") + f", q(z) {config['q_z']}, "
+            f"{epochs} epochs, training seed {config['seed']}, {_shown_path(path)}")
 
 
 def save_gif(videos, name, folder, fps=8, scale=2):

@@ -59,10 +59,16 @@ def copy_sheets(sheets_dir):
 
 
 @pytest.fixture(scope="session")
-def smoke_run():
-    """The smoke profile's run as notebook 03 trains it (runs/smoke-factorised; `make test` removes it first),
-    trained once per test session and shared, read-only, by every test that needs some trained model and by the
-    notebooks that run after the tests: (config, history)."""
-    config = dsvae_lib.make_config("smoke")
-    _, history = dsvae_lib.train(config, progress=False)
-    return config, history
+def smoke_runs():
+    """The smoke profile's runs of both q variants as notebook 03 trains them (runs/smoke-factorised, its default,
+    and runs/smoke-full, which notebook 05 shows by default; `make test` removes them first), trained once per test
+    session and shared, read-only, by every test that needs some trained model and by the notebooks that run after
+    the tests: {q_z: (config, history)}."""
+    configs = {q: dsvae_lib.make_config("smoke", q_z=q) for q in ("factorised", "full")}
+    return {q: (config, dsvae_lib.train(config, progress=False)[1]) for q, config in configs.items()}
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_runs):
+    """The smoke run of notebook 03's default q (runs/smoke-factorised): (config, history)."""
+    return smoke_runs["factorised"]

@@ -173,15 +173,17 @@ def test_views_carry_a_still_of_their_state(test_split):
 
 # ----------------------------------------------------------------------------- papermill parameters
 @pytest.fixture
-def smoke_full_run(monkeypatch, tmp_path):
-    """runs/smoke-full removed before and after; figures and metrics.json staged in a temp folder; $DSVAE_PROFILE
-    names another profile, so only the explicit parameter can select smoke."""
-    run = dsae.make_config("smoke", q_z="full").path
-    shutil.rmtree(run, ignore_errors=True)
+def smoke_full_run(smoke_runs, monkeypatch, tmp_path):
+    """runs/smoke-full free for the test: the session's run (`smoke_runs`) moved aside and back afterwards; figures
+    and metrics.json staged in a temp folder; $DSVAE_PROFILE names another profile, so only the explicit parameter
+    can select smoke."""
+    run, aside = dsae.make_config("smoke", q_z="full").path, tmp_path / "smoke-full-of-the-session"
+    shutil.move(run, aside)
     monkeypatch.setenv("DSVAE_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("DSVAE_PROFILE", "cpu")
     yield run
     shutil.rmtree(run, ignore_errors=True)
+    shutil.move(aside, run)
 
 
 def _stdout(nb_path):
@@ -193,7 +195,7 @@ def _stdout(nb_path):
 def test_papermill_parameters_reach_the_run(smoke_full_run, tmp_path):
     """03 with q_z=full and overrides as papermill's -p gives them (a JSON string) trains smoke-full for 1 epoch;
     04 takes seeds (its cells up to the evaluation that writes metrics.json; notebook 04 runs whole under nbval);
-    05 with q_z=full shows that run."""
+    05 with q_z=factorised (its default is full) shows the session's smoke-factorised run instead of that one."""
     run = smoke_full_run
     nb = dsae.NOTEBOOKS
     pm.execute_notebook(nb / "03_training.ipynb", tmp_path / "03.ipynb", cwd=nb, progress_bar=False,
@@ -210,8 +212,8 @@ def test_papermill_parameters_reach_the_run(smoke_full_run, tmp_path):
     metrics = json.loads((tmp_path / "figures" / "metrics.json").read_text())
     assert metrics["seeds"] == [7] and metrics["runs"]["full"]["epochs"] == 1
     pm.execute_notebook(nb / "05_disentanglement_figures.ipynb", tmp_path / "05.ipynb", cwd=nb, progress_bar=False,
-                        parameters={"profile": "smoke", "q_z": "full"})
-    assert "profile smoke, q(z) full, 1 epochs" in _stdout(tmp_path / "05.ipynb")
+                        parameters={"profile": "smoke", "q_z": "factorised"})
+    assert "profile smoke, q(z) factorised, 2 epochs" in _stdout(tmp_path / "05.ipynb")
     assert (tmp_path / "figures" / "swap_grid.png").is_file()
     cleaned = dsae.write_notebook(dsae.clean_notebook(json.loads((tmp_path / "05.ipynb").read_text())),
                                   tmp_path / "05-clean.ipynb")  # a barely trained model: the noisiest figures
