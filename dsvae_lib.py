@@ -3556,6 +3556,79 @@ def diagnose(kind, paths, out=None, profile="cpu", fp32=True, progress=True):
     return merge_runs(out, head, runs)
 
 
+DIAGNOSTIC_CODE = ("gap_diagnostics", "_gap_tables", "judge_under_blur", "gaussian_blur", "train_judge",
+                   "attribute_readings", "prior_temperature_readings", "colour_readout", "reconstruction_colours",
+                   "compose_character", "code_separation")
+
+
+def gap_diagnostics(profile, weights=True, fresh=False):
+    """The diagnostics of notebook 04 that explain the gap to the published row ({name: DataFrame or dict}, from
+    `_gap_tables`), stored in the profile's diagnostics.json beside metrics.json and reused, as evaluations are, while
+    their key holds: the SHA-256 of every model read and of the judge, the data, the test sequences and the version
+    of the code that computes them (`evaluation_code`). They are not spot-checked: their models are, by the
+    evaluation's spot check. `fresh` recomputes them."""
+    judge, _ = train_judge(judge_config(profile), progress=False)
+    test = load_sprites("test")
+    names = (profile, *get_profile(profile).ablations)
+    files = {f"{n} {q}": path for n in names for q, path in trained_runs(n, weights).items()}
+    key = {"weights sha256": {k: sha256(v) for k, v in files.items()}, "judge sha256": judge.sha256,
+           "data": build_cache().name, "test sequences": judge_config(profile).test_limit or len(test),
+           "code": evaluation_code(EVALUATION_CODE + DIAGNOSTIC_CODE)}
+    record_file = ROOT / get_profile(profile).figures / "diagnostics.json"
+    stored = read_json(record_file, _REWRITE_METRICS) if record_file.is_file() and not fresh else {}
+    if stored.get("key") == json.loads(json.dumps(key)):
+        print(f"the stored diagnostics in {_shown_path(record_file)} (computed on {stored['processor']} in "
+              f"{stored['arithmetic']} at commit {stored['commit']})")
+    else:
+        print(f"diagnostics computed now from {', '.join(_shown_path(v) for v in files.values())}")
+        device = pick_device()
+        tables = _gap_tables(profile, files, judge.to(device), test)
+        stored = {"key": key, "processor": processor_name(device.type), "arithmetic": arithmetic(device),
+                  "commit": git_commit(), "tables": {k: _frame_json(v) for k, v in tables.items()}}
+    atomic_write(figures_dir(profile) / "diagnostics.json", json.dumps(stored, indent=1, default=list))
+    return {k: _json_frame(v) for k, v in stored["tables"].items()}
+
+
+def _gap_tables(profile, files, judge, test):
+    """The tables of `gap_diagnostics`: the judge under blur, a blur-trained judge and both judges' readings, the
+    prior at lower temperatures (the profile's models and its ablations'), colours and code separation."""
+    import pandas as pd
+    limit = judge_config(profile).test_limit
+    models = {k: load_checkpoint(path, pick_device())[0] for k, path in tqdm(files.items(), desc="models", leave=False)}
+    own = {k.split()[1]: m for k, m in models.items() if k.split()[0] == profile}
+    blur_judge, blur_accuracy = train_judge(judge_config(profile, blur=1.0), progress=False)
+    judges = {"judge of the protocol": judge, "judge trained with blur": blur_judge}
+    colours = {q: reconstruction_colours(m, test, limit=limit) for q, m in own.items()}
+    separation = {q: code_separation(m, load_sprites("train"), "pants", get_profile(profile).probe_limit).T
+                  for q, m in own.items()}  # over the training sequences the latent probe reads
+    return {"blur": judge_under_blur(judge, test, sigmas=(0.5, 0.7, 1.0), limit=limit),
+            "blur judge": pd.DataFrame({"accuracy": blur_accuracy}),
+            "readings": pd.concat({q: attribute_readings(m, judges, test, limit=limit) for q, m in own.items()},
+                                  names=["q(z)", "judge"]),
+            "tempered": pd.concat({tuple(k.split()): prior_temperature_readings(m, judge, test, limit=limit)
+                                   for k, m in models.items()}, names=["profile", "q(z)", "z_1:T"]),
+            "colour accuracy": pd.DataFrame({q: acc for q, (acc, _) in colours.items()}),
+            "colours": pd.concat({q: table for q, (_, table) in colours.items()}, names=["q(z)"]),
+            "separation": pd.concat(separation, names=["q(z)", "d'² of f's"])}
+
+
+def _frame_json(df):
+    """A DataFrame as JSON: its index and columns (tuples of a MultiIndex as lists) with their names, and its rows."""
+    label = lambda v: list(v) if isinstance(v, tuple) else v
+    return {"index": [label(i) for i in df.index], "index names": list(df.index.names),
+            "columns": [label(c) for c in df.columns], "column names": list(df.columns.names),
+            "data": json.loads(df.to_json(orient="values"))}
+
+
+def _json_frame(d):
+    """The DataFrame of `_frame_json`."""
+    import pandas as pd
+    axis = lambda values, names: pd.MultiIndex.from_tuples([tuple(v) for v in values], names=names) \
+        if len(names) > 1 else pd.Index(values, name=names[0])
+    return pd.DataFrame(d["data"], index=axis(d["index"], d["index names"]),
+                        columns=axis(d["columns"], d["column names"]))
+
+
 # ----------------------------------------------------------------------------- beyond the paper: the study's data
 STUDY = ROOT / "study"  # the study's data; study/README.md gives the command that writes each file
 

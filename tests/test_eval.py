@@ -402,10 +402,10 @@ def test_a_stored_evaluation_is_reused_says_so_and_passes_its_spot_check(smoke_r
     assert calls == [] and again["runs"] == stored["runs"]
     assert f"the stored evaluation in {folder / 'metrics.json'}" in out and "at commit" in out
     assert "largest difference from the stored numbers 0.00 points" in out  # same CPU, same arithmetic
-    run = stored["runs"]["factorised"]
-    monkeypatch.setattr(dsae, "evaluate_run", lambda *a, **k: calls.append(a[2]) or dict(run))  # its computation
+    monkeypatch.setattr(dsae, "evaluate_run", lambda model, *a, **k: calls.append(a[1]) or dict(  # its computation
+        stored["runs"][model.config.q_z]))
     dsae.evaluate_profile("smoke", seeds=(0,), progress=False, fresh=True)  # make report FRESH=1 recomputes
-    assert len(calls) == 1
+    assert len(calls) == len(stored["runs"]) == 2
 
 
 @pytest.mark.parametrize("field", ["weights sha256", "judge sha256", "data", "test sequences", "seeds", "code"])
@@ -413,13 +413,15 @@ def test_a_stale_evaluation_is_recomputed_when_any_part_of_its_key_changes(smoke
     folder, calls = smoke_record
     path = folder / "metrics.json"
     stored = json.loads(path.read_text())
-    run = stored["runs"]["factorised"]
-    run["evaluation key"][field] = "something else"
+    runs = json.loads(json.dumps(stored["runs"]))
+    stored["runs"]["factorised"]["evaluation key"][field] = "something else"
     path.write_text(json.dumps(stored))
-    monkeypatch.setattr(dsae, "evaluate_run", lambda *a, **k: calls.append(a[2]) or dict(run))  # what it computes
-    monkeypatch.setattr(dsae, "spot_rows", lambda *a: run["spot check"]["rows"])  # is not the point here
+    monkeypatch.setattr(dsae, "evaluate_run", lambda model, *a, **k: calls.append(a[1]) or dict(  # what it computes
+        runs[model.config.q_z]))
+    monkeypatch.setattr(dsae, "spot_rows", lambda model, *a: runs[model.config.q_z]["spot check"]["rows"])
     again = dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
-    assert len(calls) == 1 and again["runs"]["factorised"]["evaluation key"][field] != "something else"
+    assert [p.parent.name for p in calls] == ["smoke-factorised"]  # the other run is still reused
+    assert again["runs"]["factorised"]["evaluation key"][field] != "something else"
 
 
 def test_the_evaluation_code_version_follows_the_code_and_not_its_docstrings(monkeypatch):
@@ -462,3 +464,32 @@ def test_a_stored_evaluation_edited_by_two_points_fails_loudly(smoke_record, edi
     with pytest.raises(dsae.EvaluationError, match=match):
         dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
     assert calls == []
+
+
+def test_gap_diagnostics_are_stored_reused_while_their_key_holds_and_read_back_alike(smoke_run, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """gap_diagnostics (notebook 04): computed once into diagnostics.json beside metrics.json, reused while the models,
+    the judge, the data and the code hold, recomputed when any changes or when asked; tables with multi-level
+    labels come back as they went."""
+    import dataclasses
+    import pandas as pd
+    monkeypatch.setitem(dsae.PROFILES, "smoke", dataclasses.replace(dsae.get_profile("smoke"), figures=str(tmp_path)))
+    monkeypatch.setenv("DSVAE_FIGURES", str(tmp_path))
+    table = pd.DataFrame([[1.5, 2], [3.25, 4]], columns=pd.Index(["a %", "b"], name="what"),
+                         index=pd.MultiIndex.from_tuples([("full", "x"), ("full", "y")], names=["q(z)", "z_1:T"]))
+    calls = []
+    monkeypatch.setattr(dsae, "_gap_tables", lambda *a: calls.append(a) or {"t": table})
+    first = dsae.gap_diagnostics("smoke")
+    pd.testing.assert_frame_equal(first["t"], table, check_dtype=False)
+    assert len(calls) == 1 and "diagnostics computed now" in capsys.readouterr().out
+    again = dsae.gap_diagnostics("smoke")
+    pd.testing.assert_frame_equal(again["t"], table, check_dtype=False)
+    assert len(calls) == 1 and "the stored diagnostics in" in capsys.readouterr().out
+    stored = json.loads((tmp_path / "diagnostics.json").read_text())
+    for field in ("judge sha256", "code", "weights sha256"):
+        changed = {**stored, "key": {**stored["key"], field: "something else"}}
+        (tmp_path / "diagnostics.json").write_text(json.dumps(changed))
+        dsae.gap_diagnostics("smoke")
+    assert len(calls) == 4
+    dsae.gap_diagnostics("smoke", fresh=True)
+    assert len(calls) == 5
