@@ -2789,8 +2789,8 @@ def latent_walker(model, data: Sprites):
 NOTEBOOKS = ROOT / "notebooks"
 REPORTS = ROOT / "reports"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-KEY_FIGURES = ("swap_grid", "fixed_f_sampled_z", "fixed_z_sampled_f", "latent_spaces", "confusion_matrices",
-               "learning_curves")
+KEY_FIGURES = ("swap_grids", "swap_grid", "fixed_f_sampled_z", "fixed_z_sampled_f", "latent_spaces",
+               "confusion_matrices", "learning_curves")
 
 
 class ReportError(RuntimeError):
@@ -2912,8 +2912,9 @@ def write_index(folder, profile, chapters):
             parts.append(profile_comparison({profile: metrics, **ablations}).round(1).to_html())
     else:
         parts.append("<p>No metrics.json was written by this run.</p>")
-    for name in KEY_FIGURES:
-        if (folder / "figures" / f"{name}.png").is_file():
+    shown = [name for name in KEY_FIGURES if (folder / "figures" / f"{name}.png").is_file()]
+    for name in shown:
+        if not (name == "swap_grid" and "swap_grids" in shown):  # swap_grids holds it, beside the ablation's
             parts.append(f'<h3>{name.replace("_", " ")}</h3><img src="figures/{name}.png" style="max-width: 100%"/>')
     style = "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}" \
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"

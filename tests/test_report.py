@@ -300,3 +300,16 @@ def test_report_copies_back_only_when_of_record_or_asked(tmp_path):
     cleaned = json.loads(nb.read_text())
     assert len(cleaned["cells"]) == 2 and "papermill" not in cleaned["metadata"]  # no injected cell, no metadata
     assert "profile smoke" in "".join(cleaned["cells"][1]["outputs"][0]["text"])
+
+
+def test_index_shows_both_swap_grids_when_the_report_drew_them(tmp_path):
+    """index.html shows swap_grids.png (the profile's model above its ablation's) in place of swap_grid.png, which it
+    holds; a report without an ablation shows swap_grid.png."""
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "swap_grid.png").write_bytes(b"png")
+    dsae.write_index(tmp_path, "smoke", [])
+    assert 'src="figures/swap_grid.png"' in (tmp_path / "index.html").read_text()
+    (tmp_path / "figures" / "swap_grids.png").write_bytes(b"png")
+    dsae.write_index(tmp_path, "smoke", [])
+    page = (tmp_path / "index.html").read_text()
+    assert 'src="figures/swap_grids.png"' in page and 'src="figures/swap_grid.png"' not in page
