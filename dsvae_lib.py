@@ -2221,7 +2221,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
                              f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
     judge, test, head = _judge_protocol(profile, seeds, device, progress)
     record_file = ROOT / get_profile(profile).figures / "metrics.json"
-    stored = {} if fresh or not record_file.is_file() else json.loads(record_file.read_text())["runs"]
+    stored = {} if fresh or not record_file.is_file() else read_json(record_file, _REWRITE_METRICS)["runs"]
     result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
     for q, path in runs.items():
         key = evaluation_key(path, judge, head, get_profile(profile).probe_limit)
@@ -2309,7 +2309,7 @@ def spot_check(record, model, judge, test, source):
     arith = arithmetic(model.device, model.config.bf16)
     arith = arith if arith in stored else "fp32"
     now, then = spot_rows(model, judge, test, (arith,))[arith], stored[arith]
-    gaps = {k: 100 * abs(now[k] - then[k]) for k in then if ":" in k and "IS" not in k and "H(y" not in k}
+    gaps = spot_gaps(now, then)
     worst = max(gaps, key=gaps.get)
     line = (f"spot check (sampling seed {SPOT_CHECK['seed']}, first {SPOT_CHECK['sequences']} test sequences, "
             f"{arith}): largest difference from the stored numbers {gaps[worst]:.2f} points ({worst}); "
@@ -2318,6 +2318,11 @@ def spot_check(record, model, judge, test, source):
         raise EvaluationError(f"{_shown_path(source)}: {line}. The stored evaluation is stale or wrong: rerun it "
                               f"from scratch (make report FRESH=1, or evaluate_profile(..., fresh=True)).")
     return line
+
+
+def spot_gaps(now, then):
+    """{accuracy: |now - then| in points} of two spot rows (IS, entropies, MSE and PSNR left out)."""
+    return {k: 100 * abs(now[k] - then[k]) for k in then if ":" in k and "IS" not in k and "H(y" not in k}
 
 
 def _digest(record):

@@ -32,8 +32,7 @@ def main():
             t0 = time.perf_counter()
             read[arith] = dsae.spot_rows(model, judge, test, (arith,))[arith]
             read[arith + " seconds"] = time.perf_counter() - t0
-        gaps = {k: 100 * abs(read["bf16"][k] - read["fp32"][k]) for k in read["fp32"]
-                if ":" in k and "IS" not in k and "H(y" not in k} if "bf16" in read else {"": 0.0}
+        gaps = dsae.spot_gaps(read["bf16"], read["fp32"]) if "bf16" in read else {"": 0.0}
         worst = max(gaps, key=gaps.get)
         rows[name] = {**read, "largest gap points": gaps[worst], "largest gap metric": worst}
         for arith in ("bf16", "fp32"):
