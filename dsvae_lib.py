@@ -3270,12 +3270,35 @@ def _command(parser, args, profile):
     except (TypeError, ValueError) as e:
         parser.error(str(e))
     try:
-        _, history = train(config, change_lr=args.change_lr)
+        with _ctrl_c_is_never_lost():
+            _, history = train(config, change_lr=args.change_lr)
     except KeyboardInterrupt:  # Ctrl-C: one line saying what was kept and how to go on, instead of a traceback
         command = shlex.join([parser.prog.split()[0], *args.argv])
         parser.exit(130, f"interrupted: {saved_epochs(config.path)}. To resume, run the same command again: "
                          f"{'python ' if command.startswith('dsvae_lib.py') else ''}{command}\n")
     print(json.dumps(history[-1], indent=1))
+
+
+
+@contextlib.contextmanager
+def _ctrl_c_is_never_lost():
+    """Python drops a KeyboardInterrupt raised inside a callback (a weakref's, an import lock's: "Exception ignored
+    in ..."), and training would go on. Inside this block such a Ctrl-C is sent again 50 ms later, and silently."""
+    import _thread
+    import threading
+
+    default = sys.unraisablehook
+
+    def resend(unraisable):
+        if issubclass(unraisable.exc_type, KeyboardInterrupt):
+            threading.Timer(0.05, _thread.interrupt_main).start()
+        else:
+            default(unraisable)
+    sys.unraisablehook = resend
+    try:
+        yield
+    finally:
+        sys.unraisablehook = default
 
 
 def _study_command(parser, args, profile):

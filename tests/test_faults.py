@@ -705,6 +705,35 @@ def test_ctrl_c_during_training_prints_one_line_saying_what_was_kept_and_how_to_
                                    f"{shlex.join(args)}", err
 
 
+
+SWALLOWED = """
+import os, signal, threading, time, weakref
+import dsvae_lib
+
+class Model:
+    pass
+
+def slow_callback(_):
+    time.sleep(3)  # the Ctrl-C lands here, inside a weakref callback, where Python would print and drop it
+
+try:
+    with dsvae_lib._ctrl_c_is_never_lost():
+        model = Model()
+        ref = weakref.ref(model, slow_callback)
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        del model
+        time.sleep(10)
+    print("went on")
+except KeyboardInterrupt:
+    print("stopped")
+"""
+
+
+def test_a_ctrl_c_that_lands_in_a_callback_still_stops_training():
+    out = subprocess.run([sys.executable, "-c", SWALLOWED], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a terminal's
+    assert out.stdout.strip() == "stopped" and "Exception ignored" not in out.stderr, (out.stdout, out.stderr)
+
 # ----------------------------------------------------------------------------- a user's slips
 def test_an_empty_run_dir_is_refused_and_nothing_is_written(tmp_path, sheets_dir):
     with pytest.raises(ValueError, match="run_dir must be None or a non-empty path, not ''"):
