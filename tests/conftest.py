@@ -72,3 +72,16 @@ def smoke_runs():
 def smoke_run(smoke_runs):
     """The smoke run of notebook 03's default q (runs/smoke-factorised): (config, history)."""
     return smoke_runs["factorised"]
+
+
+@pytest.fixture(scope="session")
+def smoke_metrics(smoke_runs):
+    """The smoke profile's metrics.json of record (runs/smoke-figures), as notebook 04 writes it with its default
+    sampling seeds (0, 1, 2), evaluated once per session (reused, spot-checked, when it already holds these runs):
+    notebook 05 and the browser test read it, notebook 04 under nbval reuses it, and the cache tests start from a
+    copy of its text, which is returned."""
+    import json
+    metrics = dsvae_lib.figures_dir("smoke") / "metrics.json"
+    dsvae_lib.evaluate_profile("smoke", seeds=(0, 1, 2), progress=False)
+    assert json.loads(metrics.read_text())["seeds"] == [0, 1, 2]
+    return metrics.read_text()

@@ -92,20 +92,6 @@ def browser(lab):
         b.close()
 
 
-@pytest.fixture(scope="module")
-def smoke_metrics(smoke_runs):
-    """The smoke runs of notebook 03 and their metrics of notebook 04, which notebook 05 reads (it shows the full q by
-    default): made here when missing or stale, so the test does not depend on the order in which notebooks and tests
-    run."""
-    import json
-    metrics = dsae.figures_dir("smoke") / "metrics.json"
-    runs = json.loads(metrics.read_text()).get("runs", {}) if metrics.is_file() else {}
-    if any(runs.get(q, {}).get("checkpoint sha256") != dsae.sha256(config.path / "checkpoint.pt")
-           for q, (config, _) in smoke_runs.items()):
-        dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
-    return smoke_runs
-
-
 def _open_and_run_all(browser, lab, name):
     url, token, home = lab
     page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -367,26 +367,14 @@ def test_diagnose_writes_the_study_file_of_a_diagnostic_and_grows_it(smoke_run, 
     assert "another judge, data" in capsys.readouterr().err and out.read_bytes() == before
 
 
-@pytest.fixture(scope="module")
-def smoke_metrics_of_record(smoke_run, tmp_path_factory):
-    """metrics.json of the shared smoke run (sampling seed 0), evaluated once as a profile's record."""
-    import dataclasses
-    folder = tmp_path_factory.mktemp("record")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(dsae.PROFILES, "smoke", dataclasses.replace(dsae.get_profile("smoke"), figures=str(folder)))
-        mp.setenv("DSVAE_FIGURES", str(folder))
-        dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
-    return (folder / "metrics.json").read_text()
-
-
 @pytest.fixture
-def smoke_record(smoke_metrics_of_record, tmp_path, monkeypatch):
-    """The smoke profile with that metrics.json as its record in a temp folder; evaluate_run counted, the code
+def smoke_record(smoke_metrics, tmp_path, monkeypatch):
+    """The smoke profile with the session's metrics.json of record (`smoke_metrics`) as its record in a temp folder; evaluate_run counted, the code
     version held (patching evaluate_run is itself an edit of the evaluation code): (figures folder, calls)."""
     import dataclasses
     monkeypatch.setitem(dsae.PROFILES, "smoke", dataclasses.replace(dsae.get_profile("smoke"), figures=str(tmp_path)))
     monkeypatch.setenv("DSVAE_FIGURES", str(tmp_path))
-    (tmp_path / "metrics.json").write_text(smoke_metrics_of_record)
+    (tmp_path / "metrics.json").write_text(smoke_metrics)
     version, evaluate_run, calls = dsae.evaluation_code(), dsae.evaluate_run, []
     monkeypatch.setattr(dsae, "evaluation_code", lambda names=None: version)
     monkeypatch.setattr(dsae, "evaluate_run", lambda *a, **k: calls.append(a[2]) or evaluate_run(*a, **k))
@@ -397,14 +385,15 @@ def test_a_stored_evaluation_is_reused_says_so_and_passes_its_spot_check(smoke_r
     folder, calls = smoke_record
     stored = json.loads((folder / "metrics.json").read_text())
     capsys.readouterr()
-    again = dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
+    again = dsae.evaluate_profile("smoke", progress=False)
     out = capsys.readouterr().out
     assert calls == [] and again["runs"] == stored["runs"]
     assert f"the stored evaluation in {folder / 'metrics.json'}" in out and "at commit" in out
     assert "largest difference from the stored numbers 0.00 points" in out  # same CPU, same arithmetic
     monkeypatch.setattr(dsae, "evaluate_run", lambda model, *a, **k: calls.append(a[1]) or dict(  # its computation
         stored["runs"][model.config.q_z]))
-    dsae.evaluate_profile("smoke", seeds=(0,), progress=False, fresh=True)  # make report FRESH=1 recomputes
+    monkeypatch.setattr(dsae, "spot_rows", lambda model, *a: stored["runs"][model.config.q_z]["spot check"]["rows"])
+    dsae.evaluate_profile("smoke", progress=False, fresh=True)  # make report FRESH=1 recomputes
     assert len(calls) == len(stored["runs"]) == 2
 
 
@@ -419,7 +408,7 @@ def test_a_stale_evaluation_is_recomputed_when_any_part_of_its_key_changes(smoke
     monkeypatch.setattr(dsae, "evaluate_run", lambda model, *a, **k: calls.append(a[1]) or dict(  # what it computes
         runs[model.config.q_z]))
     monkeypatch.setattr(dsae, "spot_rows", lambda model, *a: runs[model.config.q_z]["spot check"]["rows"])
-    again = dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
+    again = dsae.evaluate_profile("smoke", progress=False)
     assert [p.parent.name for p in calls] == ["smoke-factorised"]  # the other run is still reused
     assert again["runs"]["factorised"]["evaluation key"][field] != "something else"
 
@@ -462,7 +451,7 @@ def test_a_stored_evaluation_edited_by_two_points_fails_loudly(smoke_record, edi
         match = "changed after it was computed"
     path.write_text(json.dumps(stored))
     with pytest.raises(dsae.EvaluationError, match=match):
-        dsae.evaluate_profile("smoke", seeds=(0,), progress=False)
+        dsae.evaluate_profile("smoke", progress=False)
     assert calls == []
 
 
