@@ -262,7 +262,7 @@ PROFILES = {
     "smoke": Profile(config=dict(f_dim=16, z_dim=8, channels=8, enc_hidden=64, frame_dim=32, dec_hidden=64,
                                  rnn_hidden=32, epochs=2, batch_size=25, lr=1e-3, train_limit=200, eval_limit=50,
                                  compile=False),  # 16 steps: compiling would never pay
-                     judge=dict(width=16, epochs=4, lr=2e-3, train_limit=1800), test_limit=270, probe_limit=900,
+                     judge=dict(width=16, epochs=4, lr=2e-3, train_limit=1800), test_limit=135, probe_limit=450,
                      figures="runs/smoke-figures", of_record=False),  # CI and the notebook tests: never figures/
 }
 
@@ -2223,6 +2223,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
     record_file = ROOT / get_profile(profile).figures / "metrics.json"
     stored = {} if fresh or not record_file.is_file() else read_json(record_file, _REWRITE_METRICS)["runs"]
     result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
+    spot = {**SPOT_CHECK, "sequences": min(SPOT_CHECK["sequences"], head["test sequences"])}  # smoke: all it reads
     for q, path in runs.items():
         key = evaluation_key(path, judge, head, get_profile(profile).probe_limit)
         record = stored.get(q) if (stored.get(q) or {}).get("evaluation key") == key else None
@@ -2233,7 +2234,7 @@ def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=
             record = {**evaluate_run(*loaded[q], path, judge, test, seeds, head["test sequences"], progress,
                                      load_sprites("train"), get_profile(profile).probe_limit),
                       "evaluation key": key, "commit": git_commit(),
-                      "spot check": {**SPOT_CHECK, "rows": spot_rows(loaded[q][0], judge, test)}}
+                      "spot check": {**spot, "rows": spot_rows(loaded[q][0], judge, test, sequences=spot["sequences"])}}
             record = json.loads(json.dumps(record, default=list))  # as the file will hold it
             record["digest"] = _digest(record)
         else:  # what the cache holds must still be what the weights give
@@ -2280,15 +2281,15 @@ def evaluation_key(path, judge, head, probe_limit):
 SPOT_CHECK = {"sequences": 270, "seed": 0, "tolerance points": 1.5}  # 30 characters x 9 motions; see spot_check
 
 
-def spot_rows(model, judge, test, arithmetics=None):
-    """{arithmetic: the metrics of `evaluate` with the spot check's sampling seed on the first
-    SPOT_CHECK["sequences"] test sequences} in fp32, and in bf16 where the device has it natively (or `arithmetics`)."""
+def spot_rows(model, judge, test, arithmetics=None, sequences=SPOT_CHECK["sequences"]):
+    """{arithmetic: the metrics of `evaluate` with the spot check's sampling seed on the first `sequences` test
+    sequences} in fp32, and in bf16 where the device has it natively (or `arithmetics`)."""
     native = _bf16_on(model.device)
     rows, bf16 = {}, model.config.bf16
     for arith in arithmetics or (("bf16", "fp32") if native else ("fp32",)):
         model.config.bf16 = arith == "bf16"
         try:
-            rows[arith] = evaluate(model, judge, test, seeds=(SPOT_CHECK["seed"],), limit=SPOT_CHECK["sequences"],
+            rows[arith] = evaluate(model, judge, test, seeds=(SPOT_CHECK["seed"],), limit=sequences,
                                    progress=False)[0][0]
         finally:
             model.config.bf16 = bf16
@@ -2308,10 +2309,11 @@ def spot_check(record, model, judge, test, source):
     stored = record["spot check"]["rows"]
     arith = arithmetic(model.device, model.config.bf16)
     arith = arith if arith in stored else "fp32"
-    now, then = spot_rows(model, judge, test, (arith,))[arith], stored[arith]
+    sequences = record["spot check"]["sequences"]
+    now, then = spot_rows(model, judge, test, (arith,), sequences)[arith], stored[arith]
     gaps = spot_gaps(now, then)
     worst = max(gaps, key=gaps.get)
-    line = (f"spot check (sampling seed {SPOT_CHECK['seed']}, first {SPOT_CHECK['sequences']} test sequences, "
+    line = (f"spot check (sampling seed {SPOT_CHECK['seed']}, first {sequences} test sequences, "
             f"{arith}): largest difference from the stored numbers {gaps[worst]:.2f} points ({worst}); "
             f"tolerance {SPOT_CHECK['tolerance points']}")
     if gaps[worst] > SPOT_CHECK["tolerance points"]:

@@ -72,7 +72,7 @@ def test_smoke_judge_reads_real_test_sequences(judge):
     """Trained on 200 real training characters, the judge reads held-out characters far above chance: measured here
     on the real test split, whether it was just trained or loaded from its cache, and as its file records it."""
     model, accuracy, config = judge
-    assert config.test_limit == 270 and config.train_limit == 1800
+    assert config.test_limit == 135 and config.train_limit == 1800
     measured = dsae.judge_accuracy(model, dsae.load_sprites("test"), config.test_limit)
     assert measured == pytest.approx(accuracy, abs=0.01)  # to a few sequences where another CPU's rounding differs
     accuracy = measured
@@ -353,9 +353,9 @@ def test_diagnose_writes_the_study_file_of_a_diagnostic_and_grows_it(smoke_run, 
     got = json.loads(out.read_text())
     model, _ = dsae.load_checkpoint(checkpoint)
     model.config.bf16 = False
-    table = dsae.kl_per_step(model, dsae.load_sprites("test"), 270)
+    table = dsae.kl_per_step(model, dsae.load_sprites("test"), 135)
     assert got["runs"]["checkpoint"]["table"] == json.loads(json.dumps(table.to_dict()))  # {group: {step: nats}}
-    assert got["what"] == dsae.DIAGNOSES["kl-per-step"] and got["test sequences"] == 270
+    assert got["what"] == dsae.DIAGNOSES["kl-per-step"] and got["test sequences"] == 135
     assert got["runs"]["checkpoint"]["sha256"] == dsae.sha256(checkpoint)
     assert got["runs"]["checkpoint"]["arithmetic"].startswith("fp32 (")
     weights = dsae.export_weights(checkpoint, tmp_path / "w.pt")
@@ -392,7 +392,7 @@ def test_a_stored_evaluation_is_reused_says_so_and_passes_its_spot_check(smoke_r
     assert "largest difference from the stored numbers 0.00 points" in out  # same CPU, same arithmetic
     monkeypatch.setattr(dsae, "evaluate_run", lambda model, *a, **k: calls.append(a[1]) or dict(  # its computation
         stored["runs"][model.config.q_z]))
-    monkeypatch.setattr(dsae, "spot_rows", lambda model, *a: stored["runs"][model.config.q_z]["spot check"]["rows"])
+    monkeypatch.setattr(dsae, "spot_rows", lambda model, *a, **k: stored["runs"][model.config.q_z]["spot check"]["rows"])
     dsae.evaluate_profile("smoke", progress=False, fresh=True)  # make report FRESH=1 recomputes
     assert len(calls) == len(stored["runs"]) == 2
 
@@ -407,7 +407,7 @@ def test_a_stale_evaluation_is_recomputed_when_any_part_of_its_key_changes(smoke
     path.write_text(json.dumps(stored))
     monkeypatch.setattr(dsae, "evaluate_run", lambda model, *a, **k: calls.append(a[1]) or dict(  # what it computes
         runs[model.config.q_z]))
-    monkeypatch.setattr(dsae, "spot_rows", lambda model, *a: runs[model.config.q_z]["spot check"]["rows"])
+    monkeypatch.setattr(dsae, "spot_rows", lambda model, *a, **k: runs[model.config.q_z]["spot check"]["rows"])
     again = dsae.evaluate_profile("smoke", progress=False)
     assert [p.parent.name for p in calls] == ["smoke-factorised"]  # the other run is still reused
     assert again["runs"]["factorised"]["evaluation key"][field] != "something else"

@@ -76,7 +76,7 @@ def test_overrides_from_a_dict_or_a_json_string():
 def test_profile_record_holds_config_judge_limit_and_figures(monkeypatch):
     smoke = dsae.get_profile("smoke")
     assert dsae.make_config("smoke").train_limit == smoke.config["train_limit"]
-    assert dsae.judge_config("smoke").test_limit == smoke.test_limit == 270
+    assert dsae.judge_config("smoke").test_limit == smoke.test_limit == 135
     assert dsae.judge_config("smoke").width == smoke.judge["width"]
     assert dsae.judge_config("cpu").test_limit is None and dsae.get_profile("cpu").of_record
     mirror, cpu = dsae.make_config("cpu-mirror").__dict__, dsae.make_config("cpu").__dict__

@@ -188,10 +188,10 @@ def test_study_runs_are_evaluated_by_the_protocol_of_the_weights_of_record(tmp_p
     got = json.loads(out.read_text())
     model, ckpt = dsae.load_checkpoint(run / "checkpoint.pt")
     judge = dsae.train_judge(dsae.judge_config("smoke"), progress=False)[0]
-    rows, confusions = dsae.evaluate(model, judge, dsae.load_sprites("test"), (0,), 270, progress=False)
+    rows, confusions = dsae.evaluate(model, judge, dsae.load_sprites("test"), (0,), 135, progress=False)
     assert got["runs"]["a"]["rows"] == json.loads(json.dumps(rows))
     assert got["runs"]["a"]["motion breakdown (first seed)"] == dsae.motion_breakdown(confusions["motion"])
-    assert got["judge"]["sha256"] == judge.sha256 and got["test sequences"] == 270 and got["seeds"] == [0]
+    assert got["judge"]["sha256"] == judge.sha256 and got["test sequences"] == 135 and got["seeds"] == [0]
     assert got["runs"]["a"]["checkpoint sha256"] == dsae.sha256(run / "checkpoint.pt")
     assert got["runs"]["a"]["processor"] == dsae.processor_name("cpu") and got["runs"]["a"]["arithmetic"] == \
         ("bf16" if dsae.bf16_supported("cpu") else "fp32")  # where and in what it was read
@@ -410,7 +410,7 @@ def test_the_ablations_of_a_profile_are_evaluated_into_its_figures(tmp_path, mon
     finally:
         shutil.rmtree(run, ignore_errors=True)
     assert list(results) == ["smoke-mirror"] and list(results["smoke-mirror"]["runs"]) == ["full"]
-    assert fitted == [smoke.probe_limit] and smoke.probe_limit == 900
+    assert fitted == [smoke.probe_limit] and smoke.probe_limit == 450
     saved = json.loads((tmp_path / "figures" / "smoke-mirror" / "metrics.json").read_text())
     assert dsae.ablation_metrics("smoke", tmp_path / "figures") == {"smoke-mirror": saved}
     assert saved["runs"]["full"]["config"]["f_mirror"] and saved["profile"] == "smoke-mirror"
