@@ -3285,15 +3285,16 @@ def _command(parser, args, profile):
 @contextlib.contextmanager
 def _ctrl_c_is_never_lost():
     """Python drops a KeyboardInterrupt raised inside a callback (a weakref's, an import lock's: "Exception ignored
-    in ..."), and training would go on. Inside this block such a Ctrl-C is sent again 50 ms later, and silently."""
-    import _thread
+    in ..."), and training would go on. Inside this block such a Ctrl-C is sent again to the main thread 50 ms later
+    (a signal, so that it also ends a blocking call), and silently."""
+    import signal
     import threading
 
-    default = sys.unraisablehook
+    default, main_thread = sys.unraisablehook, threading.main_thread().ident
 
     def resend(unraisable):
         if issubclass(unraisable.exc_type, KeyboardInterrupt):
-            threading.Timer(0.05, _thread.interrupt_main).start()
+            threading.Timer(0.05, signal.pthread_kill, (main_thread, signal.SIGINT)).start()
         else:
             default(unraisable)
     sys.unraisablehook = resend
