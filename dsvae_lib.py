@@ -183,32 +183,6 @@ RETIRED = {  # Config fields of study options that ended negative (notebook 06):
     (("f_first", False), ("f_shuffle", 0), ("f_pool", False), ("z_grey", False), ("f_film", False), ("kl_warmup", 0.0))}
 
 
-def config_from_dict(d: dict, source) -> Config:
-    """The Config of the config dict stored in a checkpoint or weights file (`source`: that file, named in errors).
-    A retired field (RETIRED) at its default is dropped; CheckpointError naming the file and the field for a retired
-    field at another value, for a field this version does not know, or for a value it refuses."""
-    fields, kept = Config.__dataclass_fields__, {}
-    for name, value in d.items():
-        if name in fields:
-            kept[name] = value
-        elif name in RETIRED:
-            default, commit = RETIRED[name]
-            if value != default:
-                raise CheckpointError(f"{source} was trained with {name}={value!r}, an option this version of "
-                                      f"dsvae_lib no longer has (only its default, {default!r}, loads here); run it "
-                                      f"from commit {commit} (git worktree add ../old {commit})")
-        else:
-            raise CheckpointError(f"{source} has the config field {name}={value!r}, which this version of dsvae_lib "
-                                  f"does not know: the file was written by another version of dsvae_lib. Load it "
-                                  f"with the version that wrote it (git log --all -S '{name}' lists the commits that "
-                                  f"touch it)")
-    try:
-        return Config(**kept)
-    except ValueError as e:
-        raise CheckpointError(f"{source} holds a configuration this version refuses ({e}); load it with the "
-                              f"version of dsvae_lib that wrote it") from None
-
-
 BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_partner")  # KL weights other than 1, or
 # another likelihood scale than the SSE, change the paper's objective; a mirror-invariant or partner-reading q(f|x)
 # changes its model (section "beyond the paper"). The retired options (RETIRED) went beyond it too.
@@ -522,54 +496,6 @@ def find_sheets(sheets=None):
                          f"DSVAE_SHEETS at it (or put it at {shared}), or retry with network access.") from None
 
 
-def atomic_write(path, payload):
-    """Write `payload` to `path` atomically: into a temporary file beside it, then renamed over it, so a reader
-    sees the old file or the new one, never half of one; the temporary file never outlives a failure.
-
-    `payload` is bytes, a str (written as UTF-8), or a callable that writes into the binary file object it is
-    given (`lambda f: torch.save(obj, f)`, `lambda f: fig.savefig(f, format="png")`). Returns the path."""
-    path, f = Path(path), None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
-        with f:
-            if callable(payload):
-                payload(f)
-            else:
-                f.write(payload.encode() if isinstance(payload, str) else payload)
-        os.chmod(f.name, 0o644)
-        os.replace(f.name, path)
-    except BaseException as e:
-        if f is not None:
-            Path(f.name).unlink(missing_ok=True)
-        storage = StorageError.of(e, path.parent, f"{path.name} was not written (a previous one is kept)")
-        if storage is None:
-            raise
-        raise storage from e
-    return path
-
-
-class StorageError(RuntimeError):
-    """A folder cannot be written: its file system is full, read-only or not ours to write."""
-    REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted"}
-
-    @classmethod
-    def of(cls, e, folder, consequence, elsewhere="write elsewhere"):
-        """A StorageError naming `folder`, what happened, `consequence` and the fix (free space or make it writable,
-        or `elsewhere`) when `e` or the exception it arose from is a full, read-only or forbidden file system (torch's
-        writer, for one, reports a full disk as a RuntimeError raised while handling the OSError); else None."""
-        while e is not None and not (isinstance(e, OSError) and e.errno in cls.REASONS):
-            e = e.__cause__ or e.__context__
-        if e is None:
-            return None
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        free = f" ({shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free)" if full and Path(folder).is_dir() else ""
-        fix = "Free space there" if full else "Make it writable"
-        return cls(f"cannot write in {folder}: {cls.REASONS[e.errno]}{free}; {consequence}. {fix}, or {elsewhere}.")
-
-
 # ----------------------------------------------------------------------------- data: the build
 def _motion_strip(path):
     """One layer's 9 motions x 8 frames as an RGBA strip of 72 cells (64 x 4608), cropped by PROTOCOL.md."""
@@ -655,32 +581,6 @@ def build_cache(sheets=None, cache=None, verify=True):
             shutil.rmtree(tmp, ignore_errors=True)
     _check_cache(final)
     return final
-
-
-class CacheError(RuntimeError):
-    """A built cache is damaged: an array missing, truncated or changed."""
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
-
-
-def _remove_stale_builds(cache):
-    """Remove the temporary builds (.building-<host>-<pid>-*) of this host whose builder is dead."""
-    for tmp in cache.glob(".building-*"):
-        try:
-            host, pid, _ = tmp.name[len(".building-"):].rsplit("-", 2)
-            pid = int(pid)
-        except ValueError:
-            continue  # named otherwise: its builder cannot be told
-        if host == socket.gethostname() and not _alive(pid):
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _spot_sha256(path, blocks=64, size=4096):
@@ -1283,33 +1183,6 @@ def _scheduler(optimizer, config):
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
-def read_json(path, fix):
-    """The JSON value in the file `path`; ValueError naming the file, what is wrong and `fix` if it is not JSON."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
-
-
-def _atomic_save(obj, path):
-    """torch.save through atomic_write: a crash never leaves a half-written checkpoint."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def _atomic_write_text(path, text):
-    return atomic_write(path, text)
-
-
-def _comparable(config: Config):
-    """Fields that must match for a run to be resumed (the epoch count may grow; the device may change)."""
-    d = dict(config.__dict__)
-    for k in ("epochs", "device", "compile", "bf16", "channels_last", "fused_adam", "run_dir", "judge_every",
-              "judge_limit"):
-        d.pop(k)
-    d["betas"] = list(d["betas"])
-    return d
-
-
 @torch.no_grad()
 def evaluate_elbo(model, batches):
     """ELBO terms averaged over every sequence of `batches` (eval mode: BatchNorm running statistics)."""
@@ -1323,116 +1196,12 @@ def evaluate_elbo(model, batches):
     return {k: v / n for k, v in sums.items()}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file cannot be read: truncated, empty or not written by `train`."""
-
-
-def _read_checkpoint(path, device):
-    """The dict `train` saved at `path`, with "file sha256": the SHA-256 of the very bytes it was read from (one open
-    file, so a training that replaces the checkpoint meanwhile changes neither); CheckpointError naming the file and
-    the fix if it cannot be read."""
-    path = Path(path)
-    fix = (f"delete it to train that run again from the start (rerun with the same config), or restore it "
-           f"from a copy")
-    try:
-        with open(path, "rb") as f:
-            ckpt = torch.load(f, map_location=device, weights_only=False)
-            f.seek(0)
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-    except Exception as e:  # truncated, empty or not a torch file: torch's message names no file
-        raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read "
-                              f"({type(e).__name__}: {e}); it is damaged: {fix}.") from e
-    missing = sorted({"config", "model", "epoch", "history"} - set(ckpt if isinstance(ckpt, dict) else ()))
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}, so it was not written by `train`: {fix}.")
-    return {**ckpt, "file sha256": digest}
-
-
-def _check_resume(trained: Config, config: Config, path, change_lr=False):
-    """ValueError unless `config` may resume the run `trained` saved at `path` (lr may change with change_lr;
-    the epoch count may grow, except under a cosine schedule, whose length it is)."""
-    a, b = _comparable(trained), _comparable(config)
-    if change_lr:
-        a.pop("lr"), b.pop("lr")
-    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    if diff:
-        hint = " To go on with another lr, pass change_lr=True (command line: --change-lr)." if diff == ["lr"] else ""
-        raise ValueError(f"{path} was trained with a different configuration ("
-                         + ", ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in diff)
-                         + f"); use another run_dir or delete {Path(path).parent} to start afresh.{hint}")
-    if trained.lr_schedule == "cosine" and trained.epochs != config.epochs:
-        raise ValueError(f"{path} follows a cosine lr schedule over epochs={trained.epochs}; epochs={config.epochs} "
-                         f"would silently change that schedule. Keep epochs={trained.epochs} to resume or load it, "
-                         f"or train epochs={config.epochs} in another run_dir.")
-
-
 def _rescale_lr(optimizer, scheduler, old, new):
     """Move a restored optimiser and schedule from base lr `old` to `new` (the current lr scales by new/old)."""
     for group in optimizer.param_groups:
         group["lr"] *= new / old
         group["initial_lr"] = new
     scheduler.base_lrs = [new] * len(scheduler.base_lrs)
-
-
-def _diverged(loss, epoch, saved, ckpt_path, config: Config):
-    """The message of a non-finite loss in `epoch` (0-based), `saved` epochs being in the checkpoint."""
-    head = f"non-finite loss ({loss}) in epoch {epoch + 1} with lr {config.lr}"
-    if not saved:
-        return (f"{head}, before any epoch finished: no checkpoint was written. Lower lr or check the data, then "
-                f"rerun (it starts afresh).")
-    return (f"{head}; {ckpt_path} still holds the last good epoch ({saved}), unchanged. To resume from it with a "
-            f"lower lr, rerun with that lr and change_lr=True (command line: --set lr=... --change-lr); or start "
-            f"afresh in another run_dir.")
-
-
-class RunInUseError(RuntimeError):
-    """Another process is training into the same run folder."""
-
-
-@contextlib.contextmanager
-def _exclusive(lock, stale, in_use, unwritable):
-    """Hold an exclusive flock on the file `lock` (released by the kernel on any exit, kill -9 included) with this
-    pid in it, then remove the files beside it matching the glob `stale`: what killed holders left (the temporary
-    files of atomic_write). RunInUseError `in_use(pid)` while another process holds it; when its folder cannot be
-    written, the StorageError of StorageError.of(..., *unwritable): what was not done, and where else to do it."""
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a+")
-    except OSError as e:
-        raise StorageError.of(e, lock.parent, *unwritable) or e from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise RunInUseError(in_use(f.read().strip() or "?")) from None
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        for tmp in lock.parent.glob(stale):
-            tmp.unlink(missing_ok=True)
-        yield
-
-
-def _run_lock(run):
-    """Hold an exclusive lock on a run folder (run/.lock), then remove what killed runs left there (temporary
-    checkpoint and metrics files)."""
-    return _exclusive(run / ".lock", ".*.part",
-                      lambda pid: f"run folder {run} is in use by another training (pid {pid}); wait for it to "
-                                  f"finish or stop it, or train into another run_dir.",
-                      ("nothing was trained", "train into another run_dir (--set run_dir=...)"))
-
-
-def _in_use(path):
-    """Whether a process holds the lock file `path` (a training its run folder's .lock); False if there is none."""
-    try:
-        with open(path) as f:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except FileNotFoundError:
-        return False
-    except BlockingIOError:
-        return True
-    return False
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1461,30 +1230,6 @@ def _load_state(model, state, path):
             f"{diff or str(e).strip().splitlines()[-1].strip()}): it was edited, assembled from two runs or written "
             f"by another version of dsvae_lib. Export it again from its run (python dsvae_lib.py export --profile "
             f"{config.profile} --q-z {config.q_z}), or delete it and train that run again.") from None
-
-
-def _architecture_of(state, config: Config):
-    """{field: value} of the ARCHITECTURE fields whose values the shapes of a model `state` give otherwise than
-    `config`, read off models built on the meta device: q_z from the keys, each size from a dimension that it alone
-    sets."""
-    def shapes(**change):
-        with torch.device("meta"):
-            return {k: v.shape for k, v in DSAE(Config(**{**config.__dict__, **change})).state_dict().items()}
-    q_z = next((q for q in ("factorised", "full") if shapes(q_z=q).keys() == state.keys()), config.q_z)
-    base, sizes = shapes(q_z=q_z), [k for k in ARCHITECTURE if k != "q_z"]
-    moved = {k: shapes(q_z=q_z, **{k: getattr(config, k) + 1}) for k in sizes}  # the dimensions each size sets
-    held = {"q_z": q_z} if q_z != config.q_z else {}
-    for k in sizes:
-        for key, shape in base.items():
-            dims = [d for d in range(len(shape)) if moved[k][key][d] != shape[d]
-                    and all(moved[o][key][d] == shape[d] for o in sizes if o != k)]
-            if dims and key in state and state[key].dim() == len(shape):
-                d = dims[0]
-                value = getattr(config, k) + (state[key].shape[d] - shape[d]) // (moved[k][key][d] - shape[d])
-                if value != getattr(config, k):
-                    held[k] = value
-                break
-    return held
 
 
 def train_step(model, optimizer, x, config: Config, f_views=None):
@@ -3332,6 +3077,264 @@ def _study_command(parser, args, profile):
 # beside the paper's model, and the study's diagnostics and data. The core above reaches it only through the one
 # extension point, `content_views` (what q(f|.) reads), and through the profile registry (`Profile.ablations`).
 # Options that ended negative are recorded in notebook 06 and RETIRED; commit RETIRED_AT still runs them.
+
+# ----------------------------------------------------------------------------- plumbing: files, locks, checkpoints
+# What keeps a run, a cache and a report whole when a process is killed, a disk fills up or a file is damaged:
+# atomic writes, locks, checks of what is read back, and the errors that say what went wrong and how to fix it.
+def config_from_dict(d: dict, source) -> Config:
+    """The Config of the config dict stored in a checkpoint or weights file (`source`: that file, named in errors).
+    A retired field (RETIRED) at its default is dropped; CheckpointError naming the file and the field for a retired
+    field at another value, for a field this version does not know, or for a value it refuses."""
+    fields, kept = Config.__dataclass_fields__, {}
+    for name, value in d.items():
+        if name in fields:
+            kept[name] = value
+        elif name in RETIRED:
+            default, commit = RETIRED[name]
+            if value != default:
+                raise CheckpointError(f"{source} was trained with {name}={value!r}, an option this version of "
+                                      f"dsvae_lib no longer has (only its default, {default!r}, loads here); run it "
+                                      f"from commit {commit} (git worktree add ../old {commit})")
+        else:
+            raise CheckpointError(f"{source} has the config field {name}={value!r}, which this version of dsvae_lib "
+                                  f"does not know: the file was written by another version of dsvae_lib. Load it "
+                                  f"with the version that wrote it (git log --all -S '{name}' lists the commits that "
+                                  f"touch it)")
+    try:
+        return Config(**kept)
+    except ValueError as e:
+        raise CheckpointError(f"{source} holds a configuration this version refuses ({e}); load it with the "
+                              f"version of dsvae_lib that wrote it") from None
+
+
+def atomic_write(path, payload):
+    """Write `payload` to `path` atomically: into a temporary file beside it, then renamed over it, so a reader
+    sees the old file or the new one, never half of one; the temporary file never outlives a failure.
+
+    `payload` is bytes, a str (written as UTF-8), or a callable that writes into the binary file object it is
+    given (`lambda f: torch.save(obj, f)`, `lambda f: fig.savefig(f, format="png")`). Returns the path."""
+    path, f = Path(path), None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".part", delete=False)
+        with f:
+            if callable(payload):
+                payload(f)
+            else:
+                f.write(payload.encode() if isinstance(payload, str) else payload)
+        os.chmod(f.name, 0o644)
+        os.replace(f.name, path)
+    except BaseException as e:
+        if f is not None:
+            Path(f.name).unlink(missing_ok=True)
+        storage = StorageError.of(e, path.parent, f"{path.name} was not written (a previous one is kept)")
+        if storage is None:
+            raise
+        raise storage from e
+    return path
+
+
+def _atomic_write_text(path, text):
+    return atomic_write(path, text)
+
+
+def _atomic_save(obj, path):
+    """torch.save through atomic_write: a crash never leaves a half-written checkpoint."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def read_json(path, fix):
+    """The JSON value in the file `path`; ValueError naming the file, what is wrong and `fix` if it is not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+
+
+class StorageError(RuntimeError):
+    """A folder cannot be written: its file system is full, read-only or not ours to write."""
+    REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
+
+    @classmethod
+    def of(cls, e, folder, consequence, elsewhere="write elsewhere"):
+        """A StorageError naming `folder`, what happened, `consequence` and the fix (free space or make it writable,
+        or `elsewhere`) when `e` or the exception it arose from is a full, read-only or forbidden file system (torch's
+        writer, for one, reports a full disk as a RuntimeError raised while handling the OSError); else None."""
+        while e is not None and not (isinstance(e, OSError) and e.errno in cls.REASONS):
+            e = e.__cause__ or e.__context__
+        if e is None:
+            return None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        free = f" ({shutil.disk_usage(folder).free / 2 ** 20:.1f} MiB free)" if full and Path(folder).is_dir() else ""
+        fix = "Free space there" if full else "Make it writable"
+        return cls(f"cannot write in {folder}: {cls.REASONS[e.errno]}{free}; {consequence}. {fix}, or {elsewhere}.")
+
+
+class CacheError(RuntimeError):
+    """A built cache is damaged: an array missing, truncated or changed."""
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def _remove_stale_builds(cache):
+    """Remove the temporary builds (.building-<host>-<pid>-*) of this host whose builder is dead."""
+    for tmp in cache.glob(".building-*"):
+        try:
+            host, pid, _ = tmp.name[len(".building-"):].rsplit("-", 2)
+            pid = int(pid)
+        except ValueError:
+            continue  # named otherwise: its builder cannot be told
+        if host == socket.gethostname() and not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be read: truncated, empty or not written by `train`."""
+
+
+def _read_checkpoint(path, device):
+    """The dict `train` saved at `path`, with "file sha256": the SHA-256 of the very bytes it was read from (one open
+    file, so a training that replaces the checkpoint meanwhile changes neither); CheckpointError naming the file and
+    the fix if it cannot be read."""
+    path = Path(path)
+    fix = (f"delete it to train that run again from the start (rerun with the same config), or restore it "
+           f"from a copy")
+    try:
+        with open(path, "rb") as f:
+            ckpt = torch.load(f, map_location=device, weights_only=False)
+            f.seek(0)
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    except Exception as e:  # truncated, empty or not a torch file: torch's message names no file
+        raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read "
+                              f"({type(e).__name__}: {e}); it is damaged: {fix}.") from e
+    missing = sorted({"config", "model", "epoch", "history"} - set(ckpt if isinstance(ckpt, dict) else ()))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}, so it was not written by `train`: {fix}.")
+    return {**ckpt, "file sha256": digest}
+
+
+def _comparable(config: Config):
+    """Fields that must match for a run to be resumed (the epoch count may grow; the device may change)."""
+    d = dict(config.__dict__)
+    for k in ("epochs", "device", "compile", "bf16", "channels_last", "fused_adam", "run_dir", "judge_every",
+              "judge_limit"):
+        d.pop(k)
+    d["betas"] = list(d["betas"])
+    return d
+
+
+def _check_resume(trained: Config, config: Config, path, change_lr=False):
+    """ValueError unless `config` may resume the run `trained` saved at `path` (lr may change with change_lr;
+    the epoch count may grow, except under a cosine schedule, whose length it is)."""
+    a, b = _comparable(trained), _comparable(config)
+    if change_lr:
+        a.pop("lr"), b.pop("lr")
+    diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if diff:
+        hint = " To go on with another lr, pass change_lr=True (command line: --change-lr)." if diff == ["lr"] else ""
+        raise ValueError(f"{path} was trained with a different configuration ("
+                         + ", ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in diff)
+                         + f"); use another run_dir or delete {Path(path).parent} to start afresh.{hint}")
+    if trained.lr_schedule == "cosine" and trained.epochs != config.epochs:
+        raise ValueError(f"{path} follows a cosine lr schedule over epochs={trained.epochs}; epochs={config.epochs} "
+                         f"would silently change that schedule. Keep epochs={trained.epochs} to resume or load it, "
+                         f"or train epochs={config.epochs} in another run_dir.")
+
+
+def _architecture_of(state, config: Config):
+    """{field: value} of the ARCHITECTURE fields whose values the shapes of a model `state` give otherwise than
+    `config`, read off models built on the meta device: q_z from the keys, each size from a dimension that it alone
+    sets."""
+    def shapes(**change):
+        with torch.device("meta"):
+            return {k: v.shape for k, v in DSAE(Config(**{**config.__dict__, **change})).state_dict().items()}
+    q_z = next((q for q in ("factorised", "full") if shapes(q_z=q).keys() == state.keys()), config.q_z)
+    base, sizes = shapes(q_z=q_z), [k for k in ARCHITECTURE if k != "q_z"]
+    moved = {k: shapes(q_z=q_z, **{k: getattr(config, k) + 1}) for k in sizes}  # the dimensions each size sets
+    held = {"q_z": q_z} if q_z != config.q_z else {}
+    for k in sizes:
+        for key, shape in base.items():
+            dims = [d for d in range(len(shape)) if moved[k][key][d] != shape[d]
+                    and all(moved[o][key][d] == shape[d] for o in sizes if o != k)]
+            if dims and key in state and state[key].dim() == len(shape):
+                d = dims[0]
+                value = getattr(config, k) + (state[key].shape[d] - shape[d]) // (moved[k][key][d] - shape[d])
+                if value != getattr(config, k):
+                    held[k] = value
+                break
+    return held
+
+
+def _diverged(loss, epoch, saved, ckpt_path, config: Config):
+    """The message of a non-finite loss in `epoch` (0-based), `saved` epochs being in the checkpoint."""
+    head = f"non-finite loss ({loss}) in epoch {epoch + 1} with lr {config.lr}"
+    if not saved:
+        return (f"{head}, before any epoch finished: no checkpoint was written. Lower lr or check the data, then "
+                f"rerun (it starts afresh).")
+    return (f"{head}; {ckpt_path} still holds the last good epoch ({saved}), unchanged. To resume from it with a "
+            f"lower lr, rerun with that lr and change_lr=True (command line: --set lr=... --change-lr); or start "
+            f"afresh in another run_dir.")
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training into the same run folder."""
+
+
+@contextlib.contextmanager
+def _exclusive(lock, stale, in_use, unwritable):
+    """Hold an exclusive flock on the file `lock` (released by the kernel on any exit, kill -9 included) with this
+    pid in it, then remove the files beside it matching the glob `stale`: what killed holders left (the temporary
+    files of atomic_write). RunInUseError `in_use(pid)` while another process holds it; when its folder cannot be
+    written, the StorageError of StorageError.of(..., *unwritable): what was not done, and where else to do it."""
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as e:
+        raise StorageError.of(e, lock.parent, *unwritable) or e from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunInUseError(in_use(f.read().strip() or "?")) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        for tmp in lock.parent.glob(stale):
+            tmp.unlink(missing_ok=True)
+        yield
+
+
+def _run_lock(run):
+    """Hold an exclusive lock on a run folder (run/.lock), then remove what killed runs left there (temporary
+    checkpoint and metrics files)."""
+    return _exclusive(run / ".lock", ".*.part",
+                      lambda pid: f"run folder {run} is in use by another training (pid {pid}); wait for it to "
+                                  f"finish or stop it, or train into another run_dir.",
+                      ("nothing was trained", "train into another run_dir (--set run_dir=...)"))
+
+
+def _in_use(path):
+    """Whether a process holds the lock file `path` (a training its run folder's .lock); False if there is none."""
+    try:
+        with open(path) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except BlockingIOError:
+        return True
+    return False
+
 
 # ----------------------------------------------------------------------------- beyond the paper: views of x, profiles
 def content_views(config, x, partner=None):
