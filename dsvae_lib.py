@@ -5,11 +5,14 @@ One module, read top to bottom like the paper's appendix:
   2. data        -- the Sprites videos built from the LPC sheets by PROTOCOL.md
   3. model       -- frame encoder, q(f|x), q(z|x) (factorised or full), the learned prior p(z), decoder p(x|z,f)
   4. objective   -- the negative ELBO of Eq. (5) with analytic KL terms
-  5. training    -- Adam, atomic and resumable checkpoints, per-epoch metrics
+  5. training    -- Adam, resumable checkpoints, per-epoch metrics; the weights of record
   6. evaluation  -- the judge classifier and the disentanglement metrics (paper, S3VAE / C-DSVAE protocol)
   7. plotting    -- frame grids, GIFs, learning curves, swaps, latent spaces, confusion matrices
   8. views       -- the sprite browser, the explorer and the latent walker (ipywidgets), each with a still
-  9. the report  -- notebooks run with papermill into reports/, cleaned, exported to HTML, copied back when of record
+  9. the report  -- the evaluations of record (cached, spot-checked); notebooks run with papermill into reports/,
+                    cleaned, exported to HTML, copied back when of record; the README's results
+ 10. command line, then plumbing (atomic files, locks, checkpoint checks) and what lies beyond the paper (the
+     views of x that q(f|x) may read, ablation profiles, the study's diagnostics and data)
 
 Command line (`dsvae …` once installed with `pip install -e .`, or `python dsvae_lib.py …`): `data` builds the
 data (`--verify` checks every byte); `train --profile cpu` trains; `export` writes the weights of record from a
@@ -1732,71 +1735,6 @@ def evaluate(model, judge, data: Sprites, seeds=(0, 1, 2), limit=None, progress=
     return rows, {**confusions, **recon_confusions}
 
 
-@torch.no_grad()
-def _encoder_stages(model, data: Sprites, n, generator=None, batch_size=100):
-    """The encoder's frame features h_1:T averaged over t of the first n sequences, and with a generator one sample
-    of q(f|x) each (else None)."""
-    model.eval()
-    hs, fs = [], []
-    with _autocast(model.device, model.config.bf16):
-        for i in range(0, n, batch_size):
-            x = to_model_input(data.frames[i:min(i + batch_size, n)], model.device)
-            h, h_f = model.features(x)
-            hs.append(h.float().mean(1).cpu())
-            if generator is not None:
-                fs.append(reparameterize(*model.q_f(h_f), generator=generator).float().cpu())
-    return torch.cat(hs).numpy(), torch.cat(fs).numpy() if fs else None
-
-
-def latent_probe(model, train_data: Sprites, test: Sprites, train_limit=Profile.probe_limit, limit=None, test_codes=None,
-                 stages=False, seed=0):
-    """What each latent holds, whether or not the decoder renders it: for every head, the test accuracy (%) of a
-    linear read-out (multinomial logistic regression) from the posterior means of f and of z_1:T (flattened over t),
-    fitted on the codes of the first `train_limit` training sequences (train_limit/9 characters x 9 motions) and
-    scored on (the first `limit` of) the test split, whose characters the model never saw. A DataFrame (code x head).
-    f reading an attribute that the reconstructions lose points at the decoder; z reading one points at a leak.
-    `test_codes`: the test split's posterior means (f, z) when already computed (`encode_all(model, test, limit)`).
-    With `stages`, two more rows follow a factor from the frames to the decoder's input: "h" is a read-out of the
-    encoder's frame features averaged over t (what reaches q(f|x)), and "f sample" scores f's read-out on one sample of
-    q(f|x) per test sequence (local generator `seed`), the code the decoder is trained on. A factor lost in h is lost by
-    the encoder; one read from the mean of f but not from its samples is held with too little precision to draw."""
-    import pandas as pd
-    from sklearn.linear_model import LogisticRegression
-    codes = {}
-    for name, data, n, known in (("train", train_data, train_limit, None), ("test", test, limit, test_codes)):
-        f, z = encode_all(model, data, n) if known is None else known
-        codes[name] = {"f": f.cpu().numpy(), "z_1:T": z.flatten(1).cpu().numpy()}
-    n_train, n_test = len(codes["train"]["f"]), len(codes["test"]["f"])
-    if stages:
-        g = torch.Generator(model.device).manual_seed(seed)
-        codes["train"]["h"] = _encoder_stages(model, train_data, n_train)[0]
-        codes["test"]["h"], codes["test"]["f sample"] = _encoder_stages(model, test, n_test, g)
-    y_train = {h: v[:n_train] for h, v in labels_of(train_data).items()}
-    y_test = {h: v[:n_test] for h, v in labels_of(test).items()}
-    rows = {}
-    for code in ("f", "z_1:T") + (("h",) if stages else ()):
-        mean, std = codes["train"][code].mean(0), codes["train"][code].std(0) + 1e-6
-        scored = (code,) + (("f sample",) if stages and code == "f" else ())  # f's probe also reads its samples
-        for head in HEADS:
-            probe = LogisticRegression(max_iter=2000).fit((codes["train"][code] - mean) / std, y_train[head])
-            for row in scored:
-                rows.setdefault(row, {})[head] = 100 * probe.score((codes["test"][row] - mean) / std, y_test[head])
-    order = [c for c in ("h", "f", "f sample", "z_1:T") if c in rows]
-    return pd.DataFrame(rows).T.loc[order].rename_axis("code")
-
-
-def motion_breakdown(confusion):
-    """A 9-way motion confusion (rows: the true motion, columns: the one read; MOTIONS order) split into its two
-    factors, % of all sequences: the motion, the action and the direction read right, and left and right swapped with
-    the action read right. The direction is constant within a sequence, so it is static information that the ELBO
-    can keep in f as cheaply as in z; the split shows which of the two the generations lose."""
-    c = np.asarray(confusion, dtype=float).reshape(len(ACTIONS), len(DIRECTIONS), len(ACTIONS), len(DIRECTIONS))
-    left, right = DIRECTIONS.index("left"), DIRECTIONS.index("right")
-    reads = {"motion": np.einsum("adad->", c), "action": np.einsum("adae->", c), "direction": np.einsum("adbd->", c),
-             "left/right swapped": np.trace(c[:, left, :, right]) + np.trace(c[:, right, :, left])}
-    return {k: float(100 * v / c.sum()) for k, v in reads.items()}
-
-
 def summarise(rows):
     """Mean and standard deviation over seeds of every metric: a DataFrame (metric x [mean, std])."""
     import pandas as pd
@@ -1816,270 +1754,6 @@ def judge_protocol_table(summaries):
     for name, row in PUBLISHED.items():
         table[name] = {k: f"{v:.4g}" for k, v in row.items()}
     return pd.DataFrame(table).T
-
-
-# ----------------------------------------------------------------------------- evaluation: runs of record
-def trained_runs(profile, weights=True, folder=None):
-    """{q_z: path} of the model of record of each q variant of `profile`: the committed weights file
-    weights/<profile>-<q_z>.pt when `weights` and it exists, else the finished-or-partial run under runs/."""
-    found = {}
-    for q in ("factorised", "full"):
-        record = weights_path(profile, q, folder)
-        path = record if weights and record.is_file() else make_config(profile, q_z=q).path / "checkpoint.pt"
-        if path.is_file():
-            found[q] = path
-    return found
-
-
-def model_of_record(profile, q_z, weights=True, device=None):
-    """(model, checkpoint dict, path) of `trained_runs(profile, weights)[q_z]`; an error naming the fix if none."""
-    path = trained_runs(profile, weights).get(q_z)
-    if path is None:
-        raise FileNotFoundError(f"no weights file or run of profile {profile!r} with q_z={q_z!r}; train it with "
-                                f"notebook 03 or `python dsvae_lib.py train --profile {profile} --set q_z={q_z}`")
-    model, ckpt = load_checkpoint(path, pick_device() if device is None else device)
-    return model, ckpt, path
-
-
-def figures_dir(profile):
-    """Where a profile's figures and metrics.json go: $DSVAE_FIGURES if set (a report run stages them there),
-    else the profile record's folder (figures/; runs/smoke-figures/ for smoke, so CI never touches figures/)."""
-    return Path(os.environ.get("DSVAE_FIGURES") or ROOT / get_profile(profile).figures)
-
-
-def _shown_path(path):
-    """A file's path as a report shows it: relative to the repository when inside it."""
-    path = Path(path).absolute()
-    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
-
-
-def _judge_protocol(profile, seeds, device, progress=True):
-    """(judge of `profile` on `device`, test split, what the metrics were read with: data, test sequences, sampling
-    seeds and the judge's config, test accuracy and SHA-256), shared by every evaluation so that its rows compare."""
-    jc = judge_config(profile)
-    judge, judge_acc = train_judge(jc, progress=progress)
-    test = load_sprites("test")
-    head = {"data": build_cache().name, "test sequences": jc.test_limit or len(test), "seeds": list(seeds),
-            "judge": {"config": jc.__dict__, "test accuracy": judge_acc, "sha256": judge.sha256}}
-    return judge.to(device), test, head
-
-
-def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit=None, progress=True,
-                 train_data: Sprites | None = None, probe_limit=Profile.probe_limit):
-    """Every metric of one trained model (loaded from `path`, a training checkpoint or a weights file, as
-    (model, ckpt)) by the judge protocol on (the first `limit` of) `test`: the per-seed rows of `evaluate`, their
-    mean and std, the confusions of the first seed and the kinds of its motion errors (`motion_breakdown`); with
-    `train_data`, the latent probe too, fitted on its first `probe_limit` sequences (the profile's). It names what was
-    evaluated: the file and its SHA-256, epochs, config, warm start, training time and the last ELBO terms."""
-    codes = encode_all(model, test, limit)  # once, for the judge protocol and the probe
-    rows, confusions = evaluate(model, judge, test, seeds, limit, progress, codes=codes)
-    record = {"checkpoint": _shown_path(path), "checkpoint sha256": ckpt["file sha256"], "epochs": ckpt["epoch"],
-              "processor": processor_name(model.device.type),  # where and in what it was evaluated: bf16 kernels
-              "arithmetic": arithmetic(model.device, model.config.bf16),  # differ a little
-              "config": ckpt["config"], "init": ckpt.get("init"),
-              "train seconds": sum(r["seconds"] for r in ckpt["history"]),
-              "final ELBO terms": {k: ckpt["history"][-1][k] for k in ("loss", "recon", "kl_f", "kl_z", "test_loss")},
-              "rows": rows, "summary": {k: dict(v) for k, v in summarise(rows).T.items()},
-              "confusions (first seed)": confusions,
-              "motion breakdown (first seed)": motion_breakdown(confusions["motion"])}
-    if train_data is not None:
-        record["latent probe %"] = latent_probe(model, train_data, test, probe_limit, limit, test_codes=codes,
-                                                stages=True).to_dict("index")
-    return record
-
-
-def run_files(paths):
-    """{name: checkpoint file} of run folders (their checkpoint.pt, named by the folder) and checkpoint or weights
-    files (named without .pt); an error naming the first that is neither."""
-    files = {}
-    for p in map(Path, paths):
-        file = p / "checkpoint.pt" if p.is_dir() else p
-        if not file.is_file():
-            raise FileNotFoundError(f"{p}: no checkpoint.pt there and not a file; pass run folders such as "
-                                    f"runs/cpu-mirror-full or weights files such as weights/cpu-full.pt")
-        files[p.name if p.is_dir() else p.stem] = file
-    return files
-
-
-def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True, fp32=False):
-    """`evaluate_run` of training runs (folders holding checkpoint.pt, or checkpoint and weights files) read by the
-    judge of `profile`, without the latent probe (in fp32 with `fp32`, even where bf16 is native); {"judge": ...,
-    "runs": {name: record}} with each run named by its folder (a file by its name without .pt), merged into the JSON
-    file `out` when given (`merge_runs`), so a study's evaluations can grow run by run."""
-    files = run_files(paths)
-    merge_runs(out, {}, {})  # a damaged `out` is refused before any checkpoint is loaded or the judge runs
-    device = pick_device()
-    models = {name: load_checkpoint(file, device) for name, file in files.items()}  # each its last complete epoch
-    for model, _ in models.values():
-        model.config.bf16 &= not fp32
-    judge, test, head = _judge_protocol(profile, seeds, device, progress)
-    head["judge"] = {"profile": profile, **head["judge"]}
-    merge_runs(out, head, {})  # a file of another protocol is refused before the long part
-    limit = head["test sequences"]  # the protocol's, as recorded
-    evaluated = {name: evaluate_run(*models[name], file, judge, test, seeds, limit, progress)
-                 for name, file in files.items()}
-    return merge_runs(out, head, evaluated)
-
-
-def merge_runs(out, head, runs):
-    """{**head, "runs": ...}: `runs` added to those the JSON file `out` holds (a run again replaces its entry), written
-    atomically under a lock so that two processes can grow one file; `out` None: nothing is read or written. A file
-    that is not JSON, or whose head (what was read, and how: every key of `head`) differs, is refused, unchanged, so
-    that every row of one file compares."""
-    if out is None:
-        return {**head, "runs": runs}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(f".{out.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        kept = read_json(out, "delete it or write to another file (--out)") if out.is_file() else {"runs": {}}
-        if kept["runs"] and {k: kept.get(k) for k in head} != json.loads(json.dumps(head, default=list)):
-            raise ValueError(f"{out} holds evaluations with another judge, data, test sequences or seeds; write "
-                             f"these to another file (--out) so that every row of one file compares")
-        result = {**kept, **head, "runs": {**kept["runs"], **runs}}
-        if runs:
-            _atomic_write_text(out, json.dumps(result, indent=1, default=list))
-    return result
-
-
-def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=True, fresh=False):
-    """Judge accuracy and every metric for each trained q variant of `profile` (its weights of record when
-    `weights` and committed, else its runs under runs/); written as JSON to `out` (default: metrics.json in
-    figures_dir(profile)).
-
-    The profile's metrics.json of record is the cache: a stored run whose `evaluation_key` matches is reused unless
-    `fresh`, and every run, reused or computed, passes `spot_check`. Each run says where its numbers come from.
-    Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std, "confusions ...",
-    "latent probe %": {code: {head: accuracy %}} (latent_probe)}}}.
-    """
-    runs = trained_runs(profile, weights)
-    if not runs:
-        raise FileNotFoundError(f"no trained run of profile {profile!r} under {ROOT / 'runs'}; run notebook 03 "
-                                f"or `python dsvae_lib.py train --profile {profile}` first")
-    device = pick_device()
-    loaded = {q: load_checkpoint(path, device) for q, path in runs.items()}
-    for q, (_, ckpt) in loaded.items():  # the checkpoint's own config names the run, and must match its folder
-        got = ckpt["config"].get("profile"), ckpt["config"].get("q_z")
-        if got != (profile, q):
-            raise ValueError(f"{runs[q]} holds a run of profile {got[0]!r} with q_z={got[1]!r}, but lies in the "
-                             f"folder of profile {profile!r} with q_z={q!r}; move it to the folder of its own run "
-                             f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
-    judge, test, head = _judge_protocol(profile, seeds, device, progress)
-    record_file = ROOT / get_profile(profile).figures / "metrics.json"
-    stored = {} if fresh or not record_file.is_file() else read_json(record_file, _REWRITE_METRICS)["runs"]
-    result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
-    spot = {**SPOT_CHECK, "sequences": min(SPOT_CHECK["sequences"], head["test sequences"])}  # smoke: all it reads
-    for q, path in runs.items():
-        key = evaluation_key(path, judge, head, get_profile(profile).probe_limit)
-        record = stored.get(q) if (stored.get(q) or {}).get("evaluation key") == key else None
-        print(f"q(z) {q}: " + (f"the stored evaluation in {_shown_path(record_file)} (computed on "
-                                 f"{record['processor']} in {record['arithmetic']} at commit {record['commit']})"
-                                 if record else f"{_shown_path(path)} evaluated now"), flush=True)
-        if record is None:
-            record = {**evaluate_run(*loaded[q], path, judge, test, seeds, head["test sequences"], progress,
-                                     load_sprites("train"), get_profile(profile).probe_limit),
-                      "evaluation key": key, "commit": git_commit(),
-                      "spot check": {**spot, "rows": spot_rows(loaded[q][0], judge, test, sequences=spot["sequences"])}}
-            record = json.loads(json.dumps(record, default=list))  # as the file will hold it
-            record["digest"] = _digest(record)
-        else:  # what the cache holds must still be what the weights give
-            print("  " + spot_check(record, loaded[q][0], judge, test, record_file), flush=True)
-        result["runs"][q] = record
-    out = Path(out or figures_dir(profile) / "metrics.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(out, json.dumps(result, indent=1, default=list))
-    return result
-
-
-EVALUATION_CODE = ("evaluate", "evaluate_run", "latent_probe", "_encoder_stages", "encode_all", "encode_posteriors",
-                   "_decode_all", "judge_probs", "inception_score", "balanced_subset", "swap_partners",
-                   "motion_breakdown", "summarise", "to_model_input", "_autocast", "load_checkpoint", "DSAE",
-                   "FrameEncoder", "ContentPosterior", "FactorisedDynamicsPosterior", "FullDynamicsPosterior",
-                   "DynamicsPrior", "Decoder", "Gaussian", "reparameterize", "content_views", "Judge")
-
-
-def evaluation_code(names=EVALUATION_CODE):
-    """The version of the code that computes an evaluation: 12 hex digits of the SHA-256 of the syntax trees of the
-    module's functions and classes `names`, docstrings dropped, so that editing any of them makes every stored
-    evaluation stale, and editing a docstring or anything else does not."""
-    import ast
-    import inspect
-    import textwrap
-    digest = hashlib.sha256()
-    for name in names:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(globals()[name])))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None:
-                node.body = node.body[1:] or [ast.Pass()]
-        digest.update(ast.dump(tree).encode())
-    return digest.hexdigest()[:12]
-
-
-def evaluation_key(path, judge, head, probe_limit):
-    """What determines an evaluation of the weights file or checkpoint at `path`: its SHA-256, the judge's, the data
-    version, the test sequences, the sampling seeds, the latent probe's training sequences and the code version."""
-    return {"weights sha256": sha256(path), "judge sha256": judge.sha256, "data": head["data"],
-            "test sequences": head["test sequences"], "seeds": list(head["seeds"]), "probe_limit": probe_limit,
-            "code": evaluation_code()}
-
-
-SPOT_CHECK = {"sequences": 270, "seed": 0, "tolerance points": 1.5}  # 30 characters x 9 motions; see spot_check
-
-
-def spot_rows(model, judge, test, arithmetics=None, sequences=SPOT_CHECK["sequences"]):
-    """{arithmetic: the metrics of `evaluate` with the spot check's sampling seed on the first `sequences` test
-    sequences} in fp32, and in bf16 where the device has it natively (or `arithmetics`)."""
-    native = _bf16_on(model.device)
-    rows, bf16 = {}, model.config.bf16
-    for arith in arithmetics or (("bf16", "fp32") if native else ("fp32",)):
-        model.config.bf16 = arith == "bf16"
-        try:
-            rows[arith] = evaluate(model, judge, test, seeds=(SPOT_CHECK["seed"],), limit=sequences,
-                                   progress=False)[0][0]
-        finally:
-            model.config.bf16 = bf16
-    return rows
-
-
-def spot_check(record, model, judge, test, source):
-    """Verify a stored run: its digest (no number changed since it was computed), then its spot row in this device's
-    arithmetic (fp32 where the record has none in it), recomputed, against the stored one, accuracy by accuracy;
-    EvaluationError naming the file, the metric and the fix when the digest differs or an accuracy by more than the
-    tolerance, else a line that says how close it came. Like is compared with like: on these 270 sequences bf16 and
-    fp32 on one CPU differ by up to 1.85 points (5 sequences; benchmarks/README.md), while one arithmetic on two CPUs
-    differed by at most 0.09 points over all 2664 test sequences. 1.5 points is 4 sequences, below an edit's 2."""
-    if record.get("digest") != _digest(record):
-        raise EvaluationError(f"{_shown_path(source)}: a stored evaluation was changed after it was computed (its "
-                              f"digest no longer matches); rerun it from scratch (make report FRESH=1)")
-    stored = record["spot check"]["rows"]
-    arith = arithmetic(model.device, model.config.bf16)
-    arith = arith if arith in stored else "fp32"
-    sequences = record["spot check"]["sequences"]
-    now, then = spot_rows(model, judge, test, (arith,), sequences)[arith], stored[arith]
-    gaps = spot_gaps(now, then)
-    worst = max(gaps, key=gaps.get)
-    line = (f"spot check (sampling seed {SPOT_CHECK['seed']}, first {sequences} test sequences, "
-            f"{arith}): largest difference from the stored numbers {gaps[worst]:.2f} points ({worst}); "
-            f"tolerance {SPOT_CHECK['tolerance points']}")
-    if gaps[worst] > SPOT_CHECK["tolerance points"]:
-        raise EvaluationError(f"{_shown_path(source)}: {line}. The stored evaluation is stale or wrong: rerun it "
-                              f"from scratch (make report FRESH=1, or evaluate_profile(..., fresh=True)).")
-    return line
-
-
-def spot_gaps(now, then):
-    """{accuracy: |now - then| in points} of two spot rows (IS, entropies, MSE and PSNR left out)."""
-    return {k: 100 * abs(now[k] - then[k]) for k in then if ":" in k and "IS" not in k and "H(y" not in k}
-
-
-def _digest(record):
-    """SHA-256 of an evaluation record's JSON, its own digest left out: what `spot_check` verifies first."""
-    body = {k: v for k, v in record.items() if k != "digest"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()
-
-
-class EvaluationError(RuntimeError):
-    """A stored evaluation disagrees with what its spot check recomputes."""
 
 
 # ----------------------------------------------------------------------------- figures
@@ -2535,6 +2209,270 @@ def latent_walker(model, data: Sprites):
     update()
     box = w.VBox([w.HBox([index, part]), w.HBox([dim, step, scale]), caption, image])
     return _with_still(box, caption, lambda: _still_png(shown["videos"], 2))
+
+
+# ----------------------------------------------------------------------------- the report: evaluations of record
+def trained_runs(profile, weights=True, folder=None):
+    """{q_z: path} of the model of record of each q variant of `profile`: the committed weights file
+    weights/<profile>-<q_z>.pt when `weights` and it exists, else the finished-or-partial run under runs/."""
+    found = {}
+    for q in ("factorised", "full"):
+        record = weights_path(profile, q, folder)
+        path = record if weights and record.is_file() else make_config(profile, q_z=q).path / "checkpoint.pt"
+        if path.is_file():
+            found[q] = path
+    return found
+
+
+def model_of_record(profile, q_z, weights=True, device=None):
+    """(model, checkpoint dict, path) of `trained_runs(profile, weights)[q_z]`; an error naming the fix if none."""
+    path = trained_runs(profile, weights).get(q_z)
+    if path is None:
+        raise FileNotFoundError(f"no weights file or run of profile {profile!r} with q_z={q_z!r}; train it with "
+                                f"notebook 03 or `python dsvae_lib.py train --profile {profile} --set q_z={q_z}`")
+    model, ckpt = load_checkpoint(path, pick_device() if device is None else device)
+    return model, ckpt, path
+
+
+def figures_dir(profile):
+    """Where a profile's figures and metrics.json go: $DSVAE_FIGURES if set (a report run stages them there),
+    else the profile record's folder (figures/; runs/smoke-figures/ for smoke, so CI never touches figures/)."""
+    return Path(os.environ.get("DSVAE_FIGURES") or ROOT / get_profile(profile).figures)
+
+
+def _shown_path(path):
+    """A file's path as a report shows it: relative to the repository when inside it."""
+    path = Path(path).absolute()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
+def _judge_protocol(profile, seeds, device, progress=True):
+    """(judge of `profile` on `device`, test split, what the metrics were read with: data, test sequences, sampling
+    seeds and the judge's config, test accuracy and SHA-256), shared by every evaluation so that its rows compare."""
+    jc = judge_config(profile)
+    judge, judge_acc = train_judge(jc, progress=progress)
+    test = load_sprites("test")
+    head = {"data": build_cache().name, "test sequences": jc.test_limit or len(test), "seeds": list(seeds),
+            "judge": {"config": jc.__dict__, "test accuracy": judge_acc, "sha256": judge.sha256}}
+    return judge.to(device), test, head
+
+
+def evaluate_run(model, ckpt, path, judge, test: Sprites, seeds=(0, 1, 2), limit=None, progress=True,
+                 train_data: Sprites | None = None, probe_limit=Profile.probe_limit):
+    """Every metric of one trained model (loaded from `path`, a training checkpoint or a weights file, as
+    (model, ckpt)) by the judge protocol on (the first `limit` of) `test`: the per-seed rows of `evaluate`, their
+    mean and std, the confusions of the first seed and the kinds of its motion errors (`motion_breakdown`); with
+    `train_data`, the latent probe too, fitted on its first `probe_limit` sequences (the profile's). It names what was
+    evaluated: the file and its SHA-256, epochs, config, warm start, training time and the last ELBO terms."""
+    codes = encode_all(model, test, limit)  # once, for the judge protocol and the probe
+    rows, confusions = evaluate(model, judge, test, seeds, limit, progress, codes=codes)
+    record = {"checkpoint": _shown_path(path), "checkpoint sha256": ckpt["file sha256"], "epochs": ckpt["epoch"],
+              "processor": processor_name(model.device.type),  # where and in what it was evaluated: bf16 kernels
+              "arithmetic": arithmetic(model.device, model.config.bf16),  # differ a little
+              "config": ckpt["config"], "init": ckpt.get("init"),
+              "train seconds": sum(r["seconds"] for r in ckpt["history"]),
+              "final ELBO terms": {k: ckpt["history"][-1][k] for k in ("loss", "recon", "kl_f", "kl_z", "test_loss")},
+              "rows": rows, "summary": {k: dict(v) for k, v in summarise(rows).T.items()},
+              "confusions (first seed)": confusions,
+              "motion breakdown (first seed)": motion_breakdown(confusions["motion"])}
+    if train_data is not None:
+        record["latent probe %"] = latent_probe(model, train_data, test, probe_limit, limit, test_codes=codes,
+                                                stages=True).to_dict("index")
+    return record
+
+
+def run_files(paths):
+    """{name: checkpoint file} of run folders (their checkpoint.pt, named by the folder) and checkpoint or weights
+    files (named without .pt); an error naming the first that is neither."""
+    files = {}
+    for p in map(Path, paths):
+        file = p / "checkpoint.pt" if p.is_dir() else p
+        if not file.is_file():
+            raise FileNotFoundError(f"{p}: no checkpoint.pt there and not a file; pass run folders such as "
+                                    f"runs/cpu-mirror-full or weights files such as weights/cpu-full.pt")
+        files[p.name if p.is_dir() else p.stem] = file
+    return files
+
+
+def evaluate_runs(paths, profile="cpu", out=None, seeds=(0, 1, 2), progress=True, fp32=False):
+    """`evaluate_run` of training runs (folders holding checkpoint.pt, or checkpoint and weights files) read by the
+    judge of `profile`, without the latent probe (in fp32 with `fp32`, even where bf16 is native); {"judge": ...,
+    "runs": {name: record}} with each run named by its folder (a file by its name without .pt), merged into the JSON
+    file `out` when given (`merge_runs`), so a study's evaluations can grow run by run."""
+    files = run_files(paths)
+    merge_runs(out, {}, {})  # a damaged `out` is refused before any checkpoint is loaded or the judge runs
+    device = pick_device()
+    models = {name: load_checkpoint(file, device) for name, file in files.items()}  # each its last complete epoch
+    for model, _ in models.values():
+        model.config.bf16 &= not fp32
+    judge, test, head = _judge_protocol(profile, seeds, device, progress)
+    head["judge"] = {"profile": profile, **head["judge"]}
+    merge_runs(out, head, {})  # a file of another protocol is refused before the long part
+    limit = head["test sequences"]  # the protocol's, as recorded
+    evaluated = {name: evaluate_run(*models[name], file, judge, test, seeds, limit, progress)
+                 for name, file in files.items()}
+    return merge_runs(out, head, evaluated)
+
+
+def merge_runs(out, head, runs):
+    """{**head, "runs": ...}: `runs` added to those the JSON file `out` holds (a run again replaces its entry), written
+    atomically under a lock so that two processes can grow one file; `out` None: nothing is read or written. A file
+    that is not JSON, or whose head (what was read, and how: every key of `head`) differs, is refused, unchanged, so
+    that every row of one file compares."""
+    if out is None:
+        return {**head, "runs": runs}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = read_json(out, "delete it or write to another file (--out)") if out.is_file() else {"runs": {}}
+        if kept["runs"] and {k: kept.get(k) for k in head} != json.loads(json.dumps(head, default=list)):
+            raise ValueError(f"{out} holds evaluations with another judge, data, test sequences or seeds; write "
+                             f"these to another file (--out) so that every row of one file compares")
+        result = {**kept, **head, "runs": {**kept["runs"], **runs}}
+        if runs:
+            _atomic_write_text(out, json.dumps(result, indent=1, default=list))
+    return result
+
+
+def evaluate_profile(profile, seeds=(0, 1, 2), out=None, progress=True, weights=True, fresh=False):
+    """Judge accuracy and every metric for each trained q variant of `profile` (its weights of record when
+    `weights` and committed, else its runs under runs/); written as JSON to `out` (default: metrics.json in
+    figures_dir(profile)).
+
+    The profile's metrics.json of record is the cache: a stored run whose `evaluation_key` matches is reused unless
+    `fresh`, and every run, reused or computed, passes `spot_check`. Each run says where its numbers come from.
+    Returns {"judge": ..., "runs": {q_z: {..., "rows": per-seed metrics, "summary": mean/std, "confusions ...",
+    "latent probe %": {code: {head: accuracy %}} (latent_probe)}}}.
+    """
+    runs = trained_runs(profile, weights)
+    if not runs:
+        raise FileNotFoundError(f"no trained run of profile {profile!r} under {ROOT / 'runs'}; run notebook 03 "
+                                f"or `python dsvae_lib.py train --profile {profile}` first")
+    device = pick_device()
+    loaded = {q: load_checkpoint(path, device) for q, path in runs.items()}
+    for q, (_, ckpt) in loaded.items():  # the checkpoint's own config names the run, and must match its folder
+        got = ckpt["config"].get("profile"), ckpt["config"].get("q_z")
+        if got != (profile, q):
+            raise ValueError(f"{runs[q]} holds a run of profile {got[0]!r} with q_z={got[1]!r}, but lies in the "
+                             f"folder of profile {profile!r} with q_z={q!r}; move it to the folder of its own run "
+                             f"({ROOT / 'runs' / f'{got[0]}-{got[1]}'}) or delete it, then evaluate again.")
+    judge, test, head = _judge_protocol(profile, seeds, device, progress)
+    record_file = ROOT / get_profile(profile).figures / "metrics.json"
+    stored = {} if fresh or not record_file.is_file() else read_json(record_file, _REWRITE_METRICS)["runs"]
+    result = {"profile": profile, **head, "published": PUBLISHED, "runs": {}}
+    spot = {**SPOT_CHECK, "sequences": min(SPOT_CHECK["sequences"], head["test sequences"])}  # smoke: all it reads
+    for q, path in runs.items():
+        key = evaluation_key(path, judge, head, get_profile(profile).probe_limit)
+        record = stored.get(q) if (stored.get(q) or {}).get("evaluation key") == key else None
+        print(f"q(z) {q}: " + (f"the stored evaluation in {_shown_path(record_file)} (computed on "
+                                 f"{record['processor']} in {record['arithmetic']} at commit {record['commit']})"
+                                 if record else f"{_shown_path(path)} evaluated now"), flush=True)
+        if record is None:
+            record = {**evaluate_run(*loaded[q], path, judge, test, seeds, head["test sequences"], progress,
+                                     load_sprites("train"), get_profile(profile).probe_limit),
+                      "evaluation key": key, "commit": git_commit(),
+                      "spot check": {**spot, "rows": spot_rows(loaded[q][0], judge, test, sequences=spot["sequences"])}}
+            record = json.loads(json.dumps(record, default=list))  # as the file will hold it
+            record["digest"] = _digest(record)
+        else:  # what the cache holds must still be what the weights give
+            print("  " + spot_check(record, loaded[q][0], judge, test, record_file), flush=True)
+        result["runs"][q] = record
+    out = Path(out or figures_dir(profile) / "metrics.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(out, json.dumps(result, indent=1, default=list))
+    return result
+
+
+EVALUATION_CODE = ("evaluate", "evaluate_run", "latent_probe", "_encoder_stages", "encode_all", "encode_posteriors",
+                   "_decode_all", "judge_probs", "inception_score", "balanced_subset", "swap_partners",
+                   "motion_breakdown", "summarise", "to_model_input", "_autocast", "load_checkpoint", "DSAE",
+                   "FrameEncoder", "ContentPosterior", "FactorisedDynamicsPosterior", "FullDynamicsPosterior",
+                   "DynamicsPrior", "Decoder", "Gaussian", "reparameterize", "content_views", "Judge")
+
+
+def evaluation_code(names=EVALUATION_CODE):
+    """The version of the code that computes an evaluation: 12 hex digits of the SHA-256 of the syntax trees of the
+    module's functions and classes `names`, docstrings dropped, so that editing any of them makes every stored
+    evaluation stale, and editing a docstring or anything else does not."""
+    import ast
+    import inspect
+    import textwrap
+    digest = hashlib.sha256()
+    for name in names:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(globals()[name])))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node) is not None:
+                node.body = node.body[1:] or [ast.Pass()]
+        digest.update(ast.dump(tree).encode())
+    return digest.hexdigest()[:12]
+
+
+def evaluation_key(path, judge, head, probe_limit):
+    """What determines an evaluation of the weights file or checkpoint at `path`: its SHA-256, the judge's, the data
+    version, the test sequences, the sampling seeds, the latent probe's training sequences and the code version."""
+    return {"weights sha256": sha256(path), "judge sha256": judge.sha256, "data": head["data"],
+            "test sequences": head["test sequences"], "seeds": list(head["seeds"]), "probe_limit": probe_limit,
+            "code": evaluation_code()}
+
+
+SPOT_CHECK = {"sequences": 270, "seed": 0, "tolerance points": 1.5}  # 30 characters x 9 motions; see spot_check
+
+
+def spot_rows(model, judge, test, arithmetics=None, sequences=SPOT_CHECK["sequences"]):
+    """{arithmetic: the metrics of `evaluate` with the spot check's sampling seed on the first `sequences` test
+    sequences} in fp32, and in bf16 where the device has it natively (or `arithmetics`)."""
+    native = _bf16_on(model.device)
+    rows, bf16 = {}, model.config.bf16
+    for arith in arithmetics or (("bf16", "fp32") if native else ("fp32",)):
+        model.config.bf16 = arith == "bf16"
+        try:
+            rows[arith] = evaluate(model, judge, test, seeds=(SPOT_CHECK["seed"],), limit=sequences,
+                                   progress=False)[0][0]
+        finally:
+            model.config.bf16 = bf16
+    return rows
+
+
+def spot_check(record, model, judge, test, source):
+    """Verify a stored run: its digest (no number changed since it was computed), then its spot row in this device's
+    arithmetic (fp32 where the record has none in it), recomputed, against the stored one, accuracy by accuracy;
+    EvaluationError naming the file, the metric and the fix when the digest differs or an accuracy by more than the
+    tolerance, else a line that says how close it came. Like is compared with like: on these 270 sequences bf16 and
+    fp32 on one CPU differ by up to 1.85 points (5 sequences; benchmarks/README.md), while one arithmetic on two CPUs
+    differed by at most 0.09 points over all 2664 test sequences. 1.5 points is 4 sequences, below an edit's 2."""
+    if record.get("digest") != _digest(record):
+        raise EvaluationError(f"{_shown_path(source)}: a stored evaluation was changed after it was computed (its "
+                              f"digest no longer matches); rerun it from scratch (make report FRESH=1)")
+    stored = record["spot check"]["rows"]
+    arith = arithmetic(model.device, model.config.bf16)
+    arith = arith if arith in stored else "fp32"
+    sequences = record["spot check"]["sequences"]
+    now, then = spot_rows(model, judge, test, (arith,), sequences)[arith], stored[arith]
+    gaps = spot_gaps(now, then)
+    worst = max(gaps, key=gaps.get)
+    line = (f"spot check (sampling seed {SPOT_CHECK['seed']}, first {sequences} test sequences, "
+            f"{arith}): largest difference from the stored numbers {gaps[worst]:.2f} points ({worst}); "
+            f"tolerance {SPOT_CHECK['tolerance points']}")
+    if gaps[worst] > SPOT_CHECK["tolerance points"]:
+        raise EvaluationError(f"{_shown_path(source)}: {line}. The stored evaluation is stale or wrong: rerun it "
+                              f"from scratch (make report FRESH=1, or evaluate_profile(..., fresh=True)).")
+    return line
+
+
+def spot_gaps(now, then):
+    """{accuracy: |now - then| in points} of two spot rows (IS, entropies, MSE and PSNR left out)."""
+    return {k: 100 * abs(now[k] - then[k]) for k in then if ":" in k and "IS" not in k and "H(y" not in k}
+
+
+def _digest(record):
+    """SHA-256 of an evaluation record's JSON, its own digest left out: what `spot_check` verifies first."""
+    body = {k: v for k, v in record.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=list).encode()).hexdigest()
+
+
+class EvaluationError(RuntimeError):
+    """A stored evaluation disagrees with what its spot check recomputes."""
 
 
 # ----------------------------------------------------------------------------- the report
@@ -3369,6 +3307,71 @@ def evaluate_ablations(profile, seeds=(0, 1, 2), progress=True, weights=True, fr
 
 
 # ----------------------------------------------------------------------------- beyond the paper: diagnostics
+def motion_breakdown(confusion):
+    """A 9-way motion confusion (rows: the true motion, columns: the one read; MOTIONS order) split into its two
+    factors, % of all sequences: the motion, the action and the direction read right, and left and right swapped with
+    the action read right. The direction is constant within a sequence, so it is static information that the ELBO
+    can keep in f as cheaply as in z; the split shows which of the two the generations lose."""
+    c = np.asarray(confusion, dtype=float).reshape(len(ACTIONS), len(DIRECTIONS), len(ACTIONS), len(DIRECTIONS))
+    left, right = DIRECTIONS.index("left"), DIRECTIONS.index("right")
+    reads = {"motion": np.einsum("adad->", c), "action": np.einsum("adae->", c), "direction": np.einsum("adbd->", c),
+             "left/right swapped": np.trace(c[:, left, :, right]) + np.trace(c[:, right, :, left])}
+    return {k: float(100 * v / c.sum()) for k, v in reads.items()}
+
+
+@torch.no_grad()
+def _encoder_stages(model, data: Sprites, n, generator=None, batch_size=100):
+    """The encoder's frame features h_1:T averaged over t of the first n sequences, and with a generator one sample
+    of q(f|x) each (else None)."""
+    model.eval()
+    hs, fs = [], []
+    with _autocast(model.device, model.config.bf16):
+        for i in range(0, n, batch_size):
+            x = to_model_input(data.frames[i:min(i + batch_size, n)], model.device)
+            h, h_f = model.features(x)
+            hs.append(h.float().mean(1).cpu())
+            if generator is not None:
+                fs.append(reparameterize(*model.q_f(h_f), generator=generator).float().cpu())
+    return torch.cat(hs).numpy(), torch.cat(fs).numpy() if fs else None
+
+
+def latent_probe(model, train_data: Sprites, test: Sprites, train_limit=Profile.probe_limit, limit=None, test_codes=None,
+                 stages=False, seed=0):
+    """What each latent holds, whether or not the decoder renders it: for every head, the test accuracy (%) of a
+    linear read-out (multinomial logistic regression) from the posterior means of f and of z_1:T (flattened over t),
+    fitted on the codes of the first `train_limit` training sequences (train_limit/9 characters x 9 motions) and
+    scored on (the first `limit` of) the test split, whose characters the model never saw. A DataFrame (code x head).
+    f reading an attribute that the reconstructions lose points at the decoder; z reading one points at a leak.
+    `test_codes`: the test split's posterior means (f, z) when already computed (`encode_all(model, test, limit)`).
+    With `stages`, two more rows follow a factor from the frames to the decoder's input: "h" is a read-out of the
+    encoder's frame features averaged over t (what reaches q(f|x)), and "f sample" scores f's read-out on one sample of
+    q(f|x) per test sequence (local generator `seed`), the code the decoder is trained on. A factor lost in h is lost by
+    the encoder; one read from the mean of f but not from its samples is held with too little precision to draw."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+    codes = {}
+    for name, data, n, known in (("train", train_data, train_limit, None), ("test", test, limit, test_codes)):
+        f, z = encode_all(model, data, n) if known is None else known
+        codes[name] = {"f": f.cpu().numpy(), "z_1:T": z.flatten(1).cpu().numpy()}
+    n_train, n_test = len(codes["train"]["f"]), len(codes["test"]["f"])
+    if stages:
+        g = torch.Generator(model.device).manual_seed(seed)
+        codes["train"]["h"] = _encoder_stages(model, train_data, n_train)[0]
+        codes["test"]["h"], codes["test"]["f sample"] = _encoder_stages(model, test, n_test, g)
+    y_train = {h: v[:n_train] for h, v in labels_of(train_data).items()}
+    y_test = {h: v[:n_test] for h, v in labels_of(test).items()}
+    rows = {}
+    for code in ("f", "z_1:T") + (("h",) if stages else ()):
+        mean, std = codes["train"][code].mean(0), codes["train"][code].std(0) + 1e-6
+        scored = (code,) + (("f sample",) if stages and code == "f" else ())  # f's probe also reads its samples
+        for head in HEADS:
+            probe = LogisticRegression(max_iter=2000).fit((codes["train"][code] - mean) / std, y_train[head])
+            for row in scored:
+                rows.setdefault(row, {})[head] = 100 * probe.score((codes["test"][row] - mean) / std, y_test[head])
+    order = [c for c in ("h", "f", "f sample", "z_1:T") if c in rows]
+    return pd.DataFrame(rows).T.loc[order].rename_axis("code")
+
+
 @torch.no_grad()
 def judge_under_blur(judge, data: Sprites, sigmas=(0.5, 0.7, 1.0), limit=None):
     """How the judge reads *real* sequences blurred by a Gaussian of each sigma (pixels): a DataFrame of the
