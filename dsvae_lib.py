@@ -2879,6 +2879,9 @@ def main(argv=None):
     p = sub.add_parser("export", help="write the weights of record weights/<profile>-<q_z>.pt from a finished run")
     p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
     p.add_argument("--q-z", default="factorised", choices=("factorised", "full"))
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="the run's config fields as it was trained, e.g. --set seed=1 run_dir=runs/cpu-full-seed1")
+    p.add_argument("--out", help="another file than the weights of record, e.g. runs/cpu-full-seed1.pt")
     p = sub.add_parser("study", help="add training runs (their histories) to study/study.json")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding checkpoint.pt")
     p.add_argument("--out", default=str(STUDY / "study.json"))
@@ -2930,12 +2933,12 @@ def _command(parser, args, profile):
         print(update_readme(folder / "metrics.json", ablations=ablation_metrics(profile, folder)))
         return
     if args.command == "export":
-        config = make_config(profile, q_z=args.q_z)
+        config = _config_of(parser, profile, {"q_z": args.q_z, **_overrides(args.set)})
         ckpt = config.path / "checkpoint.pt"
         if not ckpt.is_file():
             parser.error(f"no run at {ckpt}; train it first: python dsvae_lib.py train --profile {profile} "
                          f"--set q_z={args.q_z}")
-        print(export_weights(ckpt, weights_path(profile, args.q_z), expected=config))
+        print(export_weights(ckpt, args.out or weights_path(profile, args.q_z), expected=config))
         return
     if args.command == "report":
         try:
@@ -2943,17 +2946,7 @@ def _command(parser, args, profile):
         except ReportError as e:
             raise SystemExit(f"report failed: {e}")
         return
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    try:
-        config = make_config(profile, **overrides)
-    except (TypeError, ValueError) as e:
-        parser.error(str(e))
+    config = _config_of(parser, profile, _overrides(args.set))
     try:
         with _ctrl_c_is_never_lost():
             _, history = train(config, change_lr=args.change_lr)
@@ -2963,6 +2956,26 @@ def _command(parser, args, profile):
                          f"{'python ' if command.startswith('dsvae_lib.py') else ''}{command}\n")
     print(json.dumps(history[-1], indent=1))
 
+
+
+def _overrides(items):
+    """{field: value} of `--set FIELD=VALUE ...`, each value read as JSON where it parses (10, 1e-3, true, null)."""
+    overrides = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def _config_of(parser, profile, overrides):
+    """make_config(profile, **overrides), a bad field or value ending the command with its message."""
+    try:
+        return make_config(profile, **overrides)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))
 
 
 @contextlib.contextmanager

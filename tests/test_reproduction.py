@@ -280,6 +280,25 @@ def test_export_refuses_a_run_of_another_configuration_or_unfinished(tmp_path, s
     assert dsae.export_weights(checkpoint, out, expected=config) == out
 
 
+def test_export_writes_another_training_seeds_run_to_a_file_of_its_own(tmp_path, smoke_run, capsys):
+    """`dsvae export --set seed=1 run_dir=... --out FILE`: a run of another training seed is exported beside the
+    weights of record, never over them; without the seed it was trained with, it is refused."""
+    config, _ = smoke_run
+    run = tmp_path / "smoke-seed1"
+    shutil.copytree(config.path, run)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=False)
+    checkpoint["config"]["seed"] = 1  # as a run trained with --set seed=1 holds it
+    torch.save(checkpoint, run / "checkpoint.pt")
+    out = tmp_path / "smoke-seed1.pt"
+    with pytest.raises(SystemExit):
+        dsae.main(["export", "--profile", "smoke", "--set", f"run_dir={run}", "--out", str(out)])
+    assert "another configuration than profile 'smoke'" in capsys.readouterr().err and not out.exists()
+    dsae.main(["export", "--profile", "smoke", "--set", "seed=1", f"run_dir={run}", "--out", str(out)])
+    assert capsys.readouterr().out.strip() == str(out)
+    assert torch.load(out, weights_only=False)["config"]["seed"] == 1
+    assert not dsae.weights_path("smoke", "factorised").exists()  # the weights of record's place stays untouched
+
+
 def test_generations_draw_from_a_local_generator(batch):
     """Figures' generations are reproducible from their seed and leave the global RNG untouched."""
     torch.manual_seed(0)
