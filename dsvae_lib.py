@@ -7,7 +7,7 @@ One module, read top to bottom like the paper's appendix:
   4. objective   -- the negative ELBO of Eq. (5) with analytic KL terms
   5. training    -- Adam, resumable checkpoints, per-epoch metrics; the weights of record
   6. evaluation  -- the judge classifier and the disentanglement metrics (paper, S3VAE / C-DSVAE protocol)
-  7. plotting    -- frame grids, GIFs, learning curves, swaps, latent spaces, confusion matrices
+  7. plotting    -- tables of the data and the model; frame grids, GIFs, learning curves, swaps, latent spaces
   8. views       -- the sprite browser, the explorer and the latent walker (ipywidgets), each with a still
   9. the report  -- the evaluations of record (cached, spot-checked); notebooks run with papermill into reports/,
                     cleaned, exported to HTML, copied back when of record; the README's results
@@ -186,23 +186,6 @@ RETIRED = {  # Config fields of study options that ended negative (notebook 06):
     (("f_first", False), ("f_shuffle", 0), ("f_pool", False), ("z_grey", False), ("f_film", False), ("kl_warmup", 0.0))}
 
 
-BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_partner")  # KL weights other than 1, or
-# another likelihood scale than the SSE, change the paper's objective; a mirror-invariant or partner-reading q(f|x)
-# changes its model (section "beyond the paper"). The retired options (RETIRED) went beyond it too.
-
-
-def beyond_the_paper(config: dict):
-    """["field=value" ("field" for a flag that is on), ...] of a run's config (a dict, as files store it) that leave the paper's model and objective:
-    the fields of BEYOND_THE_PAPER and RETIRED away from their defaults; [] for the paper's."""
-    defaults = {**{k: getattr(Config, k) for k in BEYOND_THE_PAPER}, **{k: d for k, (d, _) in RETIRED.items()}}
-    return [k if config[k] is True else f"{k}={config[k]}" for k, d in defaults.items() if config.get(k, d) != d]
-
-
-def faithful_to_paper(config: dict):
-    """Whether a run's config keeps the paper's model and objective (`beyond_the_paper` finds nothing)."""
-    return not beyond_the_paper(config)
-
-
 @dataclass(frozen=True)
 class Profile:
     """A named profile: model and training config, the judge, how many test sequences the metrics use (and
@@ -284,48 +267,6 @@ def parse_overrides(overrides):
     if not isinstance(overrides, dict):
         raise ValueError(f"overrides must be a dict or a JSON object of Config fields, not {overrides!r}")
     return dict(overrides)
-
-
-def _parses(parse):
-    """A test: whether `parse` takes the value without a ValueError."""
-    def test(value):
-        try:
-            parse(value)
-        except ValueError:
-            return False
-        return True
-    return test
-
-
-_PARAMETERS = {  # notebook parameter -> (test, what is allowed); one named as a Config field is checked as that field
-    "profile": (lambda v: v is None or v in PROFILES, f"None or one of {sorted(PROFILES)}"),
-    "overrides": (_parses(parse_overrides),
-                  "a dict of Config fields or a JSON object string such as '{\"epochs\": 1}'"),
-    **{k: (lambda v: isinstance(v, bool), "True or False") for k in ("weights", "fresh")},
-    "seeds": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
-        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32 for s in v),
-              "a non-empty list of integers >= 0 such as [0, 1, 2] (papermill: -y 'seeds: [0, 1, 2]')"),
-    "embedding_method": (lambda v: v in ("pca", "tsne"), "'pca' or 'tsne'"),
-}
-
-
-def check_parameters(**params):
-    """Check a notebook's parameters (papermill's -p/-y values) before it does any work: one ValueError naming each
-    bad parameter, its value and what is allowed. Those of _PARAMETERS are checked by their rule, one named as a
-    Config field (q_z, epochs, ...) as that field; any other is left to the notebook."""
-    errors = []
-    for name, value in params.items():
-        if name in _PARAMETERS:
-            test, allowed = _PARAMETERS[name]
-            if not test(value):
-                errors.append(f"{name} must be {allowed}, not {value!r}")
-        elif name in Config.__dataclass_fields__:
-            try:
-                _checked(name, Config.__dataclass_fields__[name].type, value, *_ALLOWED.get(name, ()))
-            except ValueError as e:
-                errors.append(f"{name} must be {e}, not {value!r}")
-    if errors:
-        raise ValueError("invalid notebook parameter(s): " + "; ".join(errors))
 
 
 # ----------------------------------------------------------------------------- data: the protocol
@@ -690,49 +631,10 @@ def render_character(c, sheets=None):
     return compose_character(_strips(str(find_sheets(sheets))), int(c))
 
 
-def attribute_colours(sheets=None):
-    """Mean colour of every attribute variant, over the opaque pixels of its layer in all 72 frames the protocol
-    crops: a DataFrame (attribute, variant) x (R, G, B, luma), 0..255, luma = 0.299 R + 0.587 G + 0.114 B (Rec. 601).
-    Variants of equal luma differ only in hue, which a blurry decoder is the first to lose."""
-    import pandas as pd
-    strips = _strips(str(find_sheets(sheets)))
-    rows = {}
-    for a, folder in zip(ATTRIBUTES, LAYER_FOLDERS):
-        for v in range(N_VARIANTS):
-            rgba = np.asarray(strips[f"{folder}/{v}.png"]).reshape(-1, 4).astype(np.float64)
-            r, g, b = rgba[rgba[:, 3] > 0, :3].mean(0)
-            rows[(a, v)] = {"R": r, "G": g, "B": b, "luma": 0.299 * r + 0.587 * g + 0.114 * b}
-    return pd.DataFrame(rows).T.rename_axis(["attribute", "variant"])
-
-
 @functools.lru_cache(maxsize=2)
 def _strips(folder):
     _check_sheets(folder)
     return {rel: _motion_strip(Path(folder) / rel) for rel in SHEET_SHA256}
-
-
-def split_summary(train_data: Sprites, test: Sprites):
-    """One row per split: sequences, characters, motions per character, frame shape."""
-    import pandas as pd
-    rows = {}
-    for name, d in (("train", train_data), ("test", test)):
-        per_char = np.bincount(d.character, minlength=N_CHARACTERS)
-        rows[name] = {"sequences": len(d), "characters": len(np.unique(d.character)),
-                      "motions per character": int(per_char[per_char > 0].min()), "frames": str(d.frames.shape[1:])}
-    return pd.DataFrame(rows).T
-
-
-def label_counts(train_data: Sprites, test: Sprites):
-    """Sequences per label value in each split (attributes, action, direction)."""
-    import pandas as pd
-    rows = []
-    for name, d in (("train", train_data), ("test", test)):
-        labels = {**{a: d.attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "action": d.action,
-                  "direction": d.direction}
-        for label, values in labels.items():
-            for v, count in enumerate(np.bincount(values, minlength=N_VARIANTS if label in ATTRIBUTES else 3)):
-                rows.append({"split": name, "label": label, "value": v, "sequences": int(count)})
-    return pd.DataFrame(rows).pivot_table(index=["label", "value"], columns="split", values="sequences").astype(int)
 
 
 def to_model_input(frames_u8, device=None):
@@ -1025,41 +927,6 @@ class DSAE(nn.Module):
         f = post.f if fix == "f" else self.sample_f(len(x), generator)
         z = post.z if fix == "z" else self.sample_z(len(x), x.shape[1], generator)
         return self.decode(f, z), f, z
-
-
-def parameter_counts(model: DSAE):
-    """Parameters per top-level module and in total."""
-    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
-    return {**counts, "total": sum(counts.values())}
-
-
-def trace_shapes(config: Config, batch=2):
-    """Tensor shapes through every layer for one batch of (batch, 8, 3, 64, 64), traced on the meta device
-    (no memory, no arithmetic: the paper configuration traces instantly on any machine)."""
-    import pandas as pd
-    rows = []
-
-    def shape(v):
-        if isinstance(v, torch.Tensor):
-            return tuple(v.shape)
-        if isinstance(v, (tuple, list)) and v:
-            return shape(v[0])
-        return None
-
-    def hook(name):
-        def record(module, args, out):
-            rows.append({"module": name, "layer": type(module).__name__, "input": shape(args),
-                         "output": shape(out), "parameters": sum(p.numel() for p in module.parameters(recurse=False))})
-        return record
-
-    with torch.device("meta"):
-        model = DSAE(config)
-        for name, module in model.named_modules():
-            if name and not list(module.children()) or isinstance(module, (nn.LSTM, nn.RNN)):
-                module.register_forward_hook(hook(name))
-        post, _ = model(torch.empty(batch, T, *FRAME))
-        model.prior_z(post.z)
-    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------- objective
@@ -1757,6 +1624,81 @@ def judge_protocol_table(summaries):
 
 
 # ----------------------------------------------------------------------------- figures
+# The tables of the data (notebook 01) and of the model (notebook 02), then the figures.
+def split_summary(train_data: Sprites, test: Sprites):
+    """One row per split: sequences, characters, motions per character, frame shape."""
+    import pandas as pd
+    rows = {}
+    for name, d in (("train", train_data), ("test", test)):
+        per_char = np.bincount(d.character, minlength=N_CHARACTERS)
+        rows[name] = {"sequences": len(d), "characters": len(np.unique(d.character)),
+                      "motions per character": int(per_char[per_char > 0].min()), "frames": str(d.frames.shape[1:])}
+    return pd.DataFrame(rows).T
+
+
+def label_counts(train_data: Sprites, test: Sprites):
+    """Sequences per label value in each split (attributes, action, direction)."""
+    import pandas as pd
+    rows = []
+    for name, d in (("train", train_data), ("test", test)):
+        labels = {**{a: d.attributes[:, i] for i, a in enumerate(ATTRIBUTES)}, "action": d.action,
+                  "direction": d.direction}
+        for label, values in labels.items():
+            for v, count in enumerate(np.bincount(values, minlength=N_VARIANTS if label in ATTRIBUTES else 3)):
+                rows.append({"split": name, "label": label, "value": v, "sequences": int(count)})
+    return pd.DataFrame(rows).pivot_table(index=["label", "value"], columns="split", values="sequences").astype(int)
+
+
+def attribute_colours(sheets=None):
+    """Mean colour of every attribute variant, over the opaque pixels of its layer in all 72 frames the protocol
+    crops: a DataFrame (attribute, variant) x (R, G, B, luma), 0..255, luma = 0.299 R + 0.587 G + 0.114 B (Rec. 601).
+    Variants of equal luma differ only in hue, which a blurry decoder is the first to lose."""
+    import pandas as pd
+    strips = _strips(str(find_sheets(sheets)))
+    rows = {}
+    for a, folder in zip(ATTRIBUTES, LAYER_FOLDERS):
+        for v in range(N_VARIANTS):
+            rgba = np.asarray(strips[f"{folder}/{v}.png"]).reshape(-1, 4).astype(np.float64)
+            r, g, b = rgba[rgba[:, 3] > 0, :3].mean(0)
+            rows[(a, v)] = {"R": r, "G": g, "B": b, "luma": 0.299 * r + 0.587 * g + 0.114 * b}
+    return pd.DataFrame(rows).T.rename_axis(["attribute", "variant"])
+
+
+def parameter_counts(model: DSAE):
+    """Parameters per top-level module and in total."""
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
+    return {**counts, "total": sum(counts.values())}
+
+
+def trace_shapes(config: Config, batch=2):
+    """Tensor shapes through every layer for one batch of (batch, 8, 3, 64, 64), traced on the meta device
+    (no memory, no arithmetic: the paper configuration traces instantly on any machine)."""
+    import pandas as pd
+    rows = []
+
+    def shape(v):
+        if isinstance(v, torch.Tensor):
+            return tuple(v.shape)
+        if isinstance(v, (tuple, list)) and v:
+            return shape(v[0])
+        return None
+
+    def hook(name):
+        def record(module, args, out):
+            rows.append({"module": name, "layer": type(module).__name__, "input": shape(args),
+                         "output": shape(out), "parameters": sum(p.numel() for p in module.parameters(recurse=False))})
+        return record
+
+    with torch.device("meta"):
+        model = DSAE(config)
+        for name, module in model.named_modules():
+            if name and not list(module.children()) or isinstance(module, (nn.LSTM, nn.RNN)):
+                module.register_forward_hook(hook(name))
+        post, _ = model(torch.empty(batch, T, *FRAME))
+        model.prior_z(post.z)
+    return pd.DataFrame(rows)
+
+
 FIGURE_DPI = 100  # resolution of the saved figures; frames are drawn pixel for pixel (nearest), never smoothed
 
 
@@ -2476,6 +2418,48 @@ class EvaluationError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- the report
+def _parses(parse):
+    """A test: whether `parse` takes the value without a ValueError."""
+    def test(value):
+        try:
+            parse(value)
+        except ValueError:
+            return False
+        return True
+    return test
+
+
+_PARAMETERS = {  # notebook parameter -> (test, what is allowed); one named as a Config field is checked as that field
+    "profile": (lambda v: v is None or v in PROFILES, f"None or one of {sorted(PROFILES)}"),
+    "overrides": (_parses(parse_overrides),
+                  "a dict of Config fields or a JSON object string such as '{\"epochs\": 1}'"),
+    **{k: (lambda v: isinstance(v, bool), "True or False") for k in ("weights", "fresh")},
+    "seeds": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 32 for s in v),
+              "a non-empty list of integers >= 0 such as [0, 1, 2] (papermill: -y 'seeds: [0, 1, 2]')"),
+    "embedding_method": (lambda v: v in ("pca", "tsne"), "'pca' or 'tsne'"),
+}
+
+
+def check_parameters(**params):
+    """Check a notebook's parameters (papermill's -p/-y values) before it does any work: one ValueError naming each
+    bad parameter, its value and what is allowed. Those of _PARAMETERS are checked by their rule, one named as a
+    Config field (q_z, epochs, ...) as that field; any other is left to the notebook."""
+    errors = []
+    for name, value in params.items():
+        if name in _PARAMETERS:
+            test, allowed = _PARAMETERS[name]
+            if not test(value):
+                errors.append(f"{name} must be {allowed}, not {value!r}")
+        elif name in Config.__dataclass_fields__:
+            try:
+                _checked(name, Config.__dataclass_fields__[name].type, value, *_ALLOWED.get(name, ()))
+            except ValueError as e:
+                errors.append(f"{name} must be {e}, not {value!r}")
+    if errors:
+        raise ValueError("invalid notebook parameter(s): " + "; ".join(errors))
+
+
 NOTEBOOKS = ROOT / "notebooks"
 REPORTS = ROOT / "reports"
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -3288,6 +3272,23 @@ def _in_use(path):
 
 
 # ----------------------------------------------------------------------------- beyond the paper: views of x, profiles
+BEYOND_THE_PAPER = ("beta_f", "beta_z", "likelihood_var", "f_mirror", "f_partner")  # KL weights other than 1, or
+# another likelihood scale than the SSE, change the paper's objective; a mirror-invariant or partner-reading q(f|x)
+# changes its model (section "beyond the paper"). The retired options (RETIRED) went beyond it too.
+
+
+def beyond_the_paper(config: dict):
+    """["field=value" ("field" for a flag that is on), ...] of a run's config (a dict, as files store it) that leave the paper's model and objective:
+    the fields of BEYOND_THE_PAPER and RETIRED away from their defaults; [] for the paper's."""
+    defaults = {**{k: getattr(Config, k) for k in BEYOND_THE_PAPER}, **{k: d for k, (d, _) in RETIRED.items()}}
+    return [k if config[k] is True else f"{k}={config[k]}" for k, d in defaults.items() if config.get(k, d) != d]
+
+
+def faithful_to_paper(config: dict):
+    """Whether a run's config keeps the paper's model and objective (`beyond_the_paper` finds nothing)."""
+    return not beyond_the_paper(config)
+
+
 def content_views(config, x, partner=None):
     """The extension point: the sequences whose frame features q(f|.) reads, averaged (`DSAE.features`). The paper's
     q(f|x) reads x alone. With f_mirror it also reads x's left-right mirror image, so f cannot tell the facing and z
