@@ -98,7 +98,7 @@ class Config:
 
     def __post_init__(self):
         """Coerce each field to its declared type and check its range: one ValueError naming every bad field,
-        its value and what is allowed, before anything is built or written."""
+        its value and what is allowed, before anything is built or written (the rules: _ALLOWED, under plumbing)."""
         errors = []
         for name, field in self.__dataclass_fields__.items():
             value = getattr(self, name)
@@ -112,72 +112,6 @@ class Config:
     @property
     def path(self) -> Path:
         return Path(self.run_dir) if self.run_dir else ROOT / "runs" / f"{self.profile}-{self.q_z}"
-
-
-def _is_device(v):
-    try:
-        return v == "auto" or torch.device(v) is not None
-    except RuntimeError:
-        return False
-
-
-_POSITIVE = ("f_dim", "z_dim", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden", "epochs",
-             "batch_size", "train_limit", "eval_limit", "judge_limit")
-# upper bounds of the counts, so that a typo (epochs=1e9) is refused rather than started: the splits hold 9000
-# training and 2664 test sequences; the paper trains 200 epochs
-_AT_MOST = {"epochs": 10_000, "batch_size": 9000, "train_limit": 9000, "eval_limit": 2664, "judge_limit": 2664}
-_ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fields are checked by type only
-    **{k: (lambda v: v >= 1, ">= 1") for k in _POSITIVE},
-    **{k: (lambda v, most=most: 1 <= v <= most, f">= 1 and <= {most}") for k, most in _AT_MOST.items()},
-    **{k: (lambda v: v.strip() != "", "a non-empty path") for k in ("run_dir", "init")},  # "" is no folder or file
-    "lr": (lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
-    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "in [0, 1)"),
-    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
-    **{k: (lambda v: math.isfinite(v) and v > 0, "> 0 and finite") for k in ("beta_f", "beta_z", "likelihood_var")},
-    "judge_every": (lambda v: v >= 0, ">= 0 (0: off)"),
-    "q_z": (lambda v: v in ("factorised", "full"), "'factorised' or 'full'"),
-    "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
-    "device": (_is_device, "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"),
-}
-
-
-def _checked(name, annotation, value, test=lambda v: True, rule=""):
-    """`value` coerced to the field's annotated type (e.g. "3" -> 3 for an int) and checked by `test` (its range,
-    `rule` in words: _ALLOWED); ValueError saying what is allowed otherwise."""
-    kind = str(annotation).split("|")[0].strip()
-    optional = "None" in str(annotation)
-    what = {"int": f"an integer {rule}", "float": f"a number {rule}", "bool": "true or false",
-            "tuple": f"two numbers {rule}", "str": rule or "a string"}.get(kind, rule or kind)
-    what = f"None or {what}".strip() if optional else what.strip()
-    if optional and (value is None or isinstance(value, str) and value.lower() in ("none", "null")):
-        return None
-    try:
-        if kind == "bool":
-            value = {"true": True, "false": False}.get(str(value).lower()) if isinstance(value, str) else value
-            ok = isinstance(value, bool)
-        elif kind == "int":
-            if isinstance(value, str):
-                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else None
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        elif kind == "float":
-            ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        elif kind == "tuple":
-            ok = isinstance(value, (list, tuple)) and not any(isinstance(b, bool) for b in value)
-            value = tuple(float(b) for b in value) if ok else value
-        elif kind == "str":
-            value = os.fspath(value) if isinstance(value, os.PathLike) else value
-            ok = isinstance(value, str)
-        else:  # a type not checked here
-            ok = True
-        ok = ok and test(value)
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise ValueError(what)
-    return value
 
 
 RETIRED_AT = "474a9b0"  # the last commit that runs the retired options below (git worktree add ../study 474a9b0)
@@ -3016,6 +2950,76 @@ def _study_command(parser, args, profile):
 # ----------------------------------------------------------------------------- plumbing: files, locks, checkpoints
 # What keeps a run, a cache and a report whole when a process is killed, a disk fills up or a file is damaged:
 # atomic writes, locks, checks of what is read back, and the errors that say what went wrong and how to fix it.
+def _is_device(v):
+    try:
+        return v == "auto" or torch.device(v) is not None
+    except RuntimeError:
+        return False
+
+
+_POSITIVE = ("f_dim", "z_dim", "channels", "enc_hidden", "frame_dim", "dec_hidden", "rnn_hidden", "epochs",
+             "batch_size", "train_limit", "eval_limit", "judge_limit")
+# upper bounds of the counts, so that a typo (epochs=1e9) is refused rather than started: the splits hold 9000
+# training and 2664 test sequences; the paper trains 200 epochs
+
+
+_AT_MOST = {"epochs": 10_000, "batch_size": 9000, "train_limit": 9000, "eval_limit": 2664, "judge_limit": 2664}
+
+
+_ALLOWED = {  # field -> (test of the coerced value, what is allowed); other fields are checked by type only
+    **{k: (lambda v: v >= 1, ">= 1") for k in _POSITIVE},
+    **{k: (lambda v, most=most: 1 <= v <= most, f">= 1 and <= {most}") for k, most in _AT_MOST.items()},
+    **{k: (lambda v: v.strip() != "", "a non-empty path") for k in ("run_dir", "init")},  # "" is no folder or file
+    "lr": (lambda v: math.isfinite(v) and v > 0, "> 0 and finite"),
+    "betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "in [0, 2**32)"),
+    **{k: (lambda v: math.isfinite(v) and v > 0, "> 0 and finite") for k in ("beta_f", "beta_z", "likelihood_var")},
+    "judge_every": (lambda v: v >= 0, ">= 0 (0: off)"),
+    "q_z": (lambda v: v in ("factorised", "full"), "'factorised' or 'full'"),
+    "lr_schedule": (lambda v: v in ("constant", "cosine"), "'constant' or 'cosine'"),
+    "device": (_is_device, "'auto' or a torch device such as 'cpu', 'cuda', 'cuda:1'"),
+}
+
+
+def _checked(name, annotation, value, test=lambda v: True, rule=""):
+    """`value` coerced to the field's annotated type (e.g. "3" -> 3 for an int) and checked by `test` (its range,
+    `rule` in words: _ALLOWED); ValueError saying what is allowed otherwise."""
+    kind = str(annotation).split("|")[0].strip()
+    optional = "None" in str(annotation)
+    what = {"int": f"an integer {rule}", "float": f"a number {rule}", "bool": "true or false",
+            "tuple": f"two numbers {rule}", "str": rule or "a string"}.get(kind, rule or kind)
+    what = f"None or {what}".strip() if optional else what.strip()
+    if optional and (value is None or isinstance(value, str) and value.lower() in ("none", "null")):
+        return None
+    try:
+        if kind == "bool":
+            value = {"true": True, "false": False}.get(str(value).lower()) if isinstance(value, str) else value
+            ok = isinstance(value, bool)
+        elif kind == "int":
+            if isinstance(value, str):
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf") else None
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif kind == "float":
+            ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif kind == "tuple":
+            ok = isinstance(value, (list, tuple)) and not any(isinstance(b, bool) for b in value)
+            value = tuple(float(b) for b in value) if ok else value
+        elif kind == "str":
+            value = os.fspath(value) if isinstance(value, os.PathLike) else value
+            ok = isinstance(value, str)
+        else:  # a type not checked here
+            ok = True
+        ok = ok and test(value)
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(what)
+    return value
+
+
 def config_from_dict(d: dict, source) -> Config:
     """The Config of the config dict stored in a checkpoint or weights file (`source`: that file, named in errors).
     A retired field (RETIRED) at its default is dropped; CheckpointError naming the file and the field for a retired
