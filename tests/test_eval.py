@@ -369,8 +369,9 @@ def test_diagnose_writes_the_study_file_of_a_diagnostic_and_grows_it(smoke_run, 
 
 @pytest.fixture
 def smoke_record(smoke_metrics, tmp_path, monkeypatch):
-    """The smoke profile with the session's metrics.json of record (`smoke_metrics`) as its record in a temp folder; evaluate_run counted, the code
-    version held (patching evaluate_run is itself an edit of the evaluation code): (figures folder, calls)."""
+    """The smoke profile with the session's metrics.json of record (`smoke_metrics`) as its record in a temp folder;
+    evaluate_run counted, the code version held (patching evaluate_run is itself an edit of the evaluation code):
+    (figures folder, calls)."""
     import dataclasses
     monkeypatch.setitem(dsae.PROFILES, "smoke", dataclasses.replace(dsae.get_profile("smoke"), figures=str(tmp_path)))
     monkeypatch.setenv("DSVAE_FIGURES", str(tmp_path))
@@ -392,7 +393,8 @@ def test_a_stored_evaluation_is_reused_says_so_and_passes_its_spot_check(smoke_r
     assert "largest difference from the stored numbers 0.00 points" in out  # same CPU, same arithmetic
     monkeypatch.setattr(dsae, "evaluate_run", lambda model, *a, **k: calls.append(a[1]) or dict(  # its computation
         stored["runs"][model.config.q_z]))
-    monkeypatch.setattr(dsae, "spot_rows", lambda model, *a, **k: stored["runs"][model.config.q_z]["spot check"]["rows"])
+    monkeypatch.setattr(dsae, "spot_rows",  # the spot rows it would compute: not what this test checks
+                        lambda model, *a, **k: stored["runs"][model.config.q_z]["spot check"]["rows"])
     dsae.evaluate_profile("smoke", progress=False, fresh=True)  # make report FRESH=1 recomputes
     assert len(calls) == len(stored["runs"]) == 2
 
