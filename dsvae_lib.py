@@ -2514,6 +2514,10 @@ def write_index(folder, profile, chapters):
                   judge.to_html(), "<h2>Content kept, swaps and reconstruction</h2>", rest.to_html(),
                   f"<p>{metrics['test sequences']} test sequences, sampling seeds {metrics['seeds']}; the judge reads "
                   f"the real test split with accuracy {accuracy}.</p>"]
+        seeds = training_seeds(metrics)
+        if any(len(runs) > 1 for runs in seeds.values()):
+            parts += [f"<h2>Training seeds (others: <code>{TRAINING_SEEDS}</code>)</h2>",
+                      seed_table(seeds).round(2).to_html()]
         if ablations := ablation_metrics(profile, folder / "figures"):
             parts += ["<h2>Beyond the paper, beside the paper's model</h2>"]
             parts += [f"<p><code>{a}</code>: {html.escape(get_profile(a).note)}</p>" for a in ablations]
@@ -2560,10 +2564,7 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
     if (done := finish_copy_back(out / COPY_BACK)) is not None:  # a copy-back cut short by a kill: all or none
         print(f"the copy-back of the last report was cut short: {'completed' if done else 'undone'} now")
     build_cache()
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".run-"))
-    previous = os.environ.get("DSVAE_FIGURES")
-    os.environ["DSVAE_FIGURES"] = str(stage / "figures")
-    try:
+    with _staging(out) as stage:
         params = {"profile": profile, **({} if weights else {"weights": False}), **({"fresh": True} if fresh else {})}
         timings = _run_notebooks(notebooks, stage, out, params, progress)
         staged = stage / "figures"  # printed by the notebooks as where their figures go: say where they end up
@@ -2581,12 +2582,6 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
                 shutil.rmtree(target)
             os.replace(item, target)
         shutil.rmtree(out / "failed", ignore_errors=True)
-    finally:
-        if previous is None:
-            os.environ.pop("DSVAE_FIGURES", None)
-        else:
-            os.environ["DSVAE_FIGURES"] = previous
-        shutil.rmtree(stage, ignore_errors=True)
     print(f"report written to {out}/index.html (profile {profile}) in {sum(timings['seconds'].values()):.0f} s")
     if not (record or (get_profile(profile).of_record and weights)):
         print(f"notebooks/ and figures/ left as they are: {profile!r} is not a profile of record, or the report is "
@@ -2594,6 +2589,22 @@ def run_report(profile=None, record=False, notebooks=None, out=None, progress=Tr
         return out
     _copy_back(notebooks, out, profile, weights)
     return out
+
+
+@contextlib.contextmanager
+def _staging(out):
+    """A staging folder in `out` for one report, its figures folder set as $DSVAE_FIGURES; both undone after."""
+    stage = Path(tempfile.mkdtemp(dir=out, prefix=".run-"))
+    previous = os.environ.get("DSVAE_FIGURES")
+    os.environ["DSVAE_FIGURES"] = str(stage / "figures")
+    try:
+        yield stage
+    finally:
+        if previous is None:
+            os.environ.pop("DSVAE_FIGURES", None)
+        else:
+            os.environ["DSVAE_FIGURES"] = previous
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _run_notebooks(notebooks, stage, out, params, progress):
@@ -2706,11 +2717,74 @@ def _row_label(profile, q, run):
             f"`{run['checkpoint']}`")
 
 
-def results_markdown(metrics, ablations=None):
+TRAINING_SEEDS = Path("study") / "training-seeds.json"  # a profile of record's other training seeds, evaluated
+
+
+def training_seeds(metrics, path=None):
+    """{q_z: {training seed: run}} of the profile of `metrics` (a metrics.json): its runs of record, and the
+    evaluations of its other training seeds in the JSON file `path` (TRAINING_SEEDS, written by `dsvae evaluate`;
+    their weights are not committed). Each must have been trained as the run of record of its q (every config field
+    equal but the seed and the run folder) and read by the same protocol (judge, data, test sequences, sampling
+    seeds): a ValueError naming the run and the fix if not."""
+    seeds = {q: {run["config"]["seed"]: run} for q, run in metrics["runs"].items()}
+    path = Path(path or ROOT / TRAINING_SEEDS)
+    if not path.is_file():
+        return seeds
+    other = read_json(path, f"evaluate its runs again into a new file (dsvae evaluate RUN... --out {TRAINING_SEEDS})")
+    trained = lambda config: {k: v for k, v in config.items() if k not in ("seed", "run_dir")}
+    protocol = lambda m: (m["judge"]["sha256"], m["data"], m["test sequences"], list(m["seeds"]))
+    for name, run in other["runs"].items():
+        record = metrics["runs"].get(run["config"]["q_z"])
+        if run["config"]["profile"] != metrics["profile"] or record is None:
+            continue
+        if protocol(other) != protocol(metrics) or trained(run["config"]) != trained(record["config"]):
+            raise ValueError(f"{_shown_path(path)}: run {name!r} was not trained as the run of record of its q, or not "
+                             f"read by its judge protocol; train it with only another seed and evaluate it with "
+                             f"`dsvae evaluate RUN --profile {metrics['profile']}`, or remove it from the file")
+        seeds[run["config"]["q_z"]][run["config"]["seed"]] = run
+    return seeds
+
+
+def seed_table(seeds):
+    """The headline metrics (means over the sampling seeds; %, and IS) and the left/right swaps (first sampling seed,
+    % of the sequences) of every q variant and training seed of `training_seeds`, and for a q with more than one
+    seed their mean and standard deviation over the training seeds: a DataFrame indexed by (q(z), training seed)."""
+    import pandas as pd
+    rows = {}
+    for q, runs in seeds.items():
+        per = pd.DataFrame({s: {**{k: (1 if k == "z kept: IS" else 100) * run["summary"][k]["mean"] for k in HEADLINE},
+                                "left/right swapped": motion_breakdown(run["confusions (first seed)"]["motion"])[
+                                    "left/right swapped"]}
+                            for s, run in sorted(runs.items())}).T
+        rows.update({(q, str(s)): row for s, row in per.iterrows()})
+        if len(per) > 1:
+            rows[(q, "mean")], rows[(q, "std")] = per.mean(), per.std()
+    return pd.DataFrame(rows).T.rename_axis(["q(z)", "training seed"])
+
+
+def _seed_rows(profile, q, seeds):
+    """The README's rows of the other training seeds of `profile`'s q variant `q`, and with 3 or more seeds their
+    mean ± std over the training seeds."""
+    runs = seeds.get(q, {})
+    lines = [f"| ours: `{profile}`, {q} q, {_epochs_label(run)} epochs, training seed {s}, `{run['checkpoint']}` "
+             f"(not committed; [`{TRAINING_SEEDS}`]({TRAINING_SEEDS})) | " + " | ".join(
+                 f"{run['summary'][k]['mean']:.3f}" if k == "z kept: IS" else f"{100 * run['summary'][k]['mean']:.2f}"
+                 for k in HEADLINE) + " |" for s, run in sorted(runs.items())[1:]]
+    if len(runs) >= 3:
+        table = seed_table({q: runs})
+        lines.append(f"| ours: `{profile}`, {q} q, mean ± std over training seeds {', '.join(map(str, sorted(runs)))} | "
+                     + " | ".join(f"{table.loc[(q, 'mean'), k]:.{3 if k == 'z kept: IS' else 2}f} ± "
+                                  f"{table.loc[(q, 'std'), k]:.{3 if k == 'z kept: IS' else 2}f}" for k in HEADLINE)
+                     + " |")
+    return lines
+
+
+def results_markdown(metrics, ablations=None, seeds=None):
     """The README's results: the headline table of a metrics.json written by `evaluate_profile` and of its
     ablations' ({profile: metrics}) beside the published row (motion and IS with z kept, the attributes with f
     kept; means over the sampling seeds), each row naming what produced it, with the data, judge and processor
-    above it and one caveat below. Every other metric stays in the metrics files, notebook 04 and the report."""
+    above it and one caveat below; after a row of the profile, the rows of its other training seeds (`seeds`, from
+    `training_seeds`). Every other metric stays in the metrics files, notebook 04 and the report."""
     results = {metrics["profile"]: metrics, **(ablations or {})}
     order = lambda q: ("full", "factorised").index(q) if q in ("full", "factorised") else 2
     rows = [(p, q, m["runs"][q]) for p, m in results.items() for q in sorted(m["runs"], key=order)]
@@ -2731,6 +2805,8 @@ def results_markdown(metrics, ablations=None):
         s = run["summary"]
         lines.append(f"| {_row_label(p, q, run)} | " + " | ".join(
             f"{s[k]['mean']:.3f}" if k == "z kept: IS" else f"{100 * s[k]['mean']:.2f}" for k in HEADLINE) + " |")
+        if p == metrics["profile"]:
+            lines += _seed_rows(p, q, seeds or {})
     spread = max(100 * r["summary"][k]["std"] for _, _, r in rows for k in HEADLINE if k != "z kept: IS")
     paper = make_config("paper")
     beyond = {p: sorted({k for r in m["runs"].values() for k in beyond_the_paper(r["config"])}
@@ -2738,7 +2814,7 @@ def results_markdown(metrics, ablations=None):
               for p, m in results.items()}
     channels = sorted({r["config"]["channels"] for _, _, r in rows})
     lines += ["", f"Caveat: the published row is the paper's configuration ({paper.channels} channels, {paper.epochs} "
-              f"epochs); ours have {'/'.join(map(str, channels))} channels and one training seed each, and the "
+              f"epochs); ours have {'/'.join(map(str, channels))} channels and one training seed a row, and the "
               f"standard deviation over the sampling seeds is at most {spread:.2f} points"
               + "".join(f"; `{p}` goes beyond the paper ({', '.join(b)}) and stands beside it, never in its place"
                         for p, b in beyond.items() if b) + ".",
@@ -2777,12 +2853,29 @@ def readme_text(metrics_path, readme, ablations=None):
                          f"where the results table belongs")
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
-    body = results_markdown(read_json(metrics_path, _REWRITE_METRICS), ablations)
+    metrics = read_json(metrics_path, _REWRITE_METRICS)
+    body = results_markdown(metrics, ablations, training_seeds(metrics))
     return f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}"
 
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the command, to say how to rerun it
+    try:
+        profile = default_profile(getattr(args, "profile", None))
+    except ValueError as e:  # $DSVAE_PROFILE names no profile
+        parser.error(str(e))
+    try:
+        (_study_command if args.command in ("study", "evaluate", "diagnose") else _command)(parser, args, profile)
+    except (SheetError, CacheError, CheckpointError, RunInUseError, StorageError, EvaluationError, FloatingPointError,
+            ValueError, FileNotFoundError) as e:
+        parser.exit(1, f"error: {e}\n")
+
+
+def _parser():
+    """The command line's parser: one subcommand for each of the module's long-running jobs."""
     import argparse
     parser = argparse.ArgumentParser(description="DSAE on Sprites (Li & Mandt 2018)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -2823,17 +2916,7 @@ def main(argv=None):
     r.add_argument("--fresh", action="store_true", help="recompute every evaluation instead of reusing stored ones")
     r.add_argument("--no-weights", action="store_true",
                    help="use (or train) the runs under runs/ instead of the committed weights of record")
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)  # the command, to say how to rerun it
-    try:
-        profile = default_profile(getattr(args, "profile", None))
-    except ValueError as e:  # $DSVAE_PROFILE names no profile
-        parser.error(str(e))
-    try:
-        (_study_command if args.command in ("study", "evaluate", "diagnose") else _command)(parser, args, profile)
-    except (SheetError, CacheError, CheckpointError, RunInUseError, StorageError, EvaluationError, FloatingPointError,
-            ValueError, FileNotFoundError) as e:
-        parser.exit(1, f"error: {e}\n")
+    return parser
 
 
 def _command(parser, args, profile):
@@ -2873,7 +2956,6 @@ def _command(parser, args, profile):
         parser.exit(130, f"interrupted: {saved_epochs(config.path)}. To resume, run the same command again: "
                          f"{'python ' if command.startswith('dsvae_lib.py') else ''}{command}\n")
     print(json.dumps(history[-1], indent=1))
-
 
 
 def _overrides(items):

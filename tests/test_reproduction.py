@@ -324,6 +324,44 @@ def test_committed_weights_hold_their_profile_and_fit_the_limit(profile, q_z):
     assert {v.dtype for v in saved["model"].values() if v.is_floating_point()} == {torch.float16}
 
 
+def test_other_training_seeds_stand_beside_the_run_of_record_only_when_trained_and_read_alike(tmp_path):
+    """training_seeds adds to a profile's runs of record the evaluations of its other training seeds, refusing one
+    trained otherwise or read by another judge protocol, and ignoring another profile's; seed_table and the README
+    give each seed's numbers and, from 3 seeds on, their mean and standard deviation over the training seeds. The
+    records are copies of the metrics of record with the seed and one number changed."""
+    metrics = json.loads((dsae.ROOT / "figures" / "metrics.json").read_text())
+    record = metrics["runs"]["full"]
+    head = {k: metrics[k] for k in ("judge", "data", "test sequences", "seeds")}
+    path = tmp_path / "training-seeds.json"
+
+    def seed(s, motion, **config):
+        run = json.loads(json.dumps(record))
+        run["config"].update(seed=s, run_dir=f"runs/cpu-full-seed{s}", **config)
+        run["summary"]["z kept: motion"]["mean"] = motion
+        return run
+    path.write_text(json.dumps({**head, "runs": {"cpu-full-seed1": seed(1, 0.99), "cpu-full-seed2": seed(2, 0.91)}}))
+    seeds = dsae.training_seeds(metrics, path)
+    assert sorted(seeds["full"]) == [0, 1, 2] and list(seeds["factorised"]) == [record["config"]["seed"]]
+    table = dsae.seed_table(seeds)
+    motions = [100 * record["summary"]["z kept: motion"]["mean"], 99.0, 91.0]
+    assert table.loc[("full", "mean"), "z kept: motion"] == pytest.approx(np.mean(motions))
+    assert table.loc[("full", "std"), "z kept: motion"] == pytest.approx(np.std(motions, ddof=1))
+    assert ("factorised", "mean") not in table.index  # one seed: no spread
+    readme = dsae.results_markdown(metrics, seeds=seeds)
+    assert (f"| ours: `cpu`, full q, mean ± std over training seeds 0, 1, 2 | {np.mean(motions):.2f} ± "
+            f"{np.std(motions, ddof=1):.2f} |") in readme
+    lines = readme.splitlines()
+    at = next(i for i, line in enumerate(lines) if "full q, 32 epochs, training seed 0" in line)
+    assert "training seed 1" in lines[at + 1] and "training seed 2" in lines[at + 2]  # after their q's row
+    path.write_text(json.dumps({**head, "runs": {"other": seed(1, 0.99, profile="cpu-mirror")}}))
+    assert sorted(dsae.training_seeds(metrics, path)["full"]) == [0]  # another profile's run is not a seed of this one
+    for bad in ({**head, "runs": {"cpu-full-seed1": seed(1, 0.99, epochs=16)}},  # trained otherwise
+                {**head, "seeds": [0], "runs": {"cpu-full-seed1": seed(1, 0.99)}}):  # read by another protocol
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="cpu-full-seed1.*not trained as the run of record"):
+            dsae.training_seeds(metrics, path)
+
+
 def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_path):
     """The README's results section is results_markdown of figures/metrics.json and its ablations': each row of its
     table holds that row's numbers of the metrics files (read here without the writer) and names its profile, q
@@ -333,13 +371,19 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     ablations = dsae.ablation_metrics("cpu")  # figures/<ablation>/metrics.json, shown after the paper's model
     readme = (dsae.ROOT / "README.md").read_text()
     section = readme.split(dsae.README_BEGIN, 1)[1].split(dsae.README_END, 1)[0]
-    assert section.strip() == dsae.results_markdown(metrics, ablations).strip()
+    seeds = dsae.training_seeds(metrics)  # the other training seeds (study/training-seeds.json), after their q's row
+    assert section.strip() == dsae.results_markdown(metrics, ablations, seeds).strip()
     table = {line.split(" | ")[0].lstrip("| "): [float(v) for v in line.rstrip(" |").split(" | ")[1:]]
-             for line in section.splitlines() if line.startswith("| ours: ")}
+             for line in section.splitlines() if line.startswith("| ours: ") and " ± " not in line}
     published = metrics["published"]["DSVAE (published)"]
     assert f"| DSVAE (published) | {published['accuracy %']:.4g} | {published['IS']:.4g} |" in section
     results = {"cpu": metrics, **ablations}
-    assert len(table) == sum(len(m["runs"]) for m in results.values()) == 4
+    others = {(q, s): run for q, runs in seeds.items() for s, run in runs.items() if s != metrics["runs"][q]["config"]["seed"]}
+    assert len(table) == sum(len(m["runs"]) for m in results.values()) + len(others) == 4 + len(others)
+    for (q, seed), run in others.items():  # a row of its own, read from the file that holds its evaluation
+        label = (f"ours: `cpu`, {q} q, {run['epochs']} epochs, training seed {seed}, `{run['checkpoint']}` (not "
+                 f"committed; [`study/training-seeds.json`](study/training-seeds.json))")
+        assert table[label][0] == pytest.approx(100 * run["summary"]["z kept: motion"]["mean"], abs=0.0051), label
     for profile, m in results.items():
         for q, run in m["runs"].items():
             epochs = f"{run['init']['epochs']} + {run['epochs']}" if run.get("init") else f"{run['epochs']}"
@@ -366,7 +410,8 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     copy.write_text(f"before\n{dsae.README_BEGIN}\nold\n{dsae.README_END}\nafter\n")
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     dsae.update_readme(tmp_path / "metrics.json", copy)
-    assert copy.read_text() == f"before\n{dsae.README_BEGIN}\n{dsae.results_markdown(metrics)}\n{dsae.README_END}\nafter\n"
+    assert copy.read_text() == (f"before\n{dsae.README_BEGIN}\n{dsae.results_markdown(metrics, seeds=seeds)}\n"
+                                f"{dsae.README_END}\nafter\n")
     dsae.update_readme(tmp_path / "metrics.json", copy, ablations)
     assert copy.read_text().split(dsae.README_BEGIN, 1)[1].split(dsae.README_END, 1)[0] == section
 
