@@ -935,16 +935,9 @@ COMPILE_STEPS = 1500  # a run this many steps long repays compiling: 1.7 times t
 
 def compile_pays(config: Config, device, steps=None):
     """Whether the training step is compiled: config.compile when set; when None, on a CPU with a C++ compiler, for a
-    run of at least COMPILE_STEPS steps (`steps`: the steps still to train; None: long enough). Measured
-    (benchmarks/train_throughput.json; cpu profile, 2 cores, 3 interleaved repeats, medians): with AMX bf16 +
-    channels-last a compiled step took 0.422 s against 0.495 s (factorised q) and 0.470 s against 0.509 s (full q,
-    whose RNNs break the graph), and its 31-36 s of compiling from scratch were repaid after 414 and 896 steps (a
-    32-epoch run has 11 520); in fp32 (AMD EPYC, AVX2) 2.01 s against 2.34 s, repaid after about 170 steps; in bf16
-    on an AMD EPYC with AVX-512 bf16 but no AMX (benchmarks/train_throughput_mirror_bf16_no_amx.json) 0.699 s
-    against 0.739 s for the full q, but 1.063 s against 0.977 s for its f_mirror step, which compiling slows. An
-    earlier bf16 run measured the compiled step slower (0.53 s against 0.48 s); the interleaved repeats since have
-    not. CUDA is unmeasured: eager. Compiled steps draw their own noise (same distribution), so a compiled run is not
-    bit-identical to an eager one."""
+    run of at least COMPILE_STEPS steps (`steps`: the steps still to train; None: long enough). CUDA, unmeasured, runs
+    eager. The measurements behind the rule (each CPU and arithmetic, and where compiling does not pay) are in
+    benchmarks/README.md. A compiled step draws its own noise (same distribution): not bit-identical to eager."""
     if config.compile is not None:
         return config.compile
     long_enough = steps is None or steps >= COMPILE_STEPS
