@@ -2724,13 +2724,14 @@ def training_seeds(metrics, path=None):
     if not path.is_file():
         return seeds
     other = read_json(path, f"evaluate its runs again into a new file (dsvae evaluate RUN... --out {TRAINING_SEEDS})")
-    trained = lambda config: {k: v for k, v in config.items() if k not in ("seed", "run_dir")}
+    trained = lambda run: ({k: v for k, v in config_from_dict(run["config"], path).__dict__.items()
+                            if k not in ("seed", "run_dir")}, run["epochs"])  # retired and new fields at defaults
     protocol = lambda m: (m["judge"]["sha256"], m["data"], m["test sequences"], list(m["seeds"]))
     for name, run in other["runs"].items():
         record = metrics["runs"].get(run["config"]["q_z"])
         if run["config"]["profile"] != metrics["profile"] or record is None:
             continue
-        if protocol(other) != protocol(metrics) or trained(run["config"]) != trained(record["config"]):
+        if protocol(other) != protocol(metrics) or trained(run) != trained(record):
             raise ValueError(f"{_shown_path(path)}: run {name!r} was not trained as the run of record of its q, or not "
                              f"read by its judge protocol; train it with only another seed and evaluate it with "
                              f"`dsvae evaluate RUN --profile {metrics['profile']}`, or remove it from the file")
