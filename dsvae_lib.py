@@ -2810,6 +2810,10 @@ def results_markdown(metrics, ablations=None, seeds=None):
     lines += ["", f"Caveat: the published row is the paper's configuration ({paper.channels} channels, {paper.epochs} "
               f"epochs); ours have {'/'.join(map(str, channels))} channels and one training seed a row, and the "
               f"standard deviation over the sampling seeds is at most {spread:.2f} points"
+              + "".join(f", while the training seed moves the motion of `{metrics['profile']}`'s {q} q by "
+                        f"{max(m) - min(m):.2f} points over {len(m)} seeds"
+                        for q, runs in (seeds or {}).items() if len(runs) > 1
+                        for m in [[100 * r["summary"]["z kept: motion"]["mean"] for r in runs.values()]])
               + "".join(f"; `{p}` goes beyond the paper ({', '.join(b)}) and stands beside it, never in its place"
                         for p, b in beyond.items() if b) + ".",
               "Every metric, with its spread: " + ", ".join(

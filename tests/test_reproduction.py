@@ -350,6 +350,8 @@ def test_other_training_seeds_stand_beside_the_run_of_record_only_when_trained_a
     readme = dsae.results_markdown(metrics, seeds=seeds)
     assert (f"| ours: `cpu`, full q, mean ± std over training seeds 0, 1, 2 | {np.mean(motions):.2f} ± "
             f"{np.std(motions, ddof=1):.2f} |") in readme
+    assert f"the training seed moves the motion of `cpu`'s full q by {max(motions) - min(motions):.2f} points over 3 " \
+        "seeds" in readme
     lines = readme.splitlines()
     at = next(i for i, line in enumerate(lines) if "full q, 32 epochs, training seed 0" in line)
     assert "training seed 1" in lines[at + 1] and "training seed 2" in lines[at + 2]  # after their q's row
