@@ -2716,33 +2716,41 @@ TRAINING_SEEDS = Path("study") / "training-seeds.json"  # a profile of record's 
 def training_seeds(metrics, path=None):
     """{q_z: {training seed: run}} of the profile of `metrics` (a metrics.json): its runs of record, and the
     evaluations of its other training seeds in the JSON file `path` (TRAINING_SEEDS, written by `dsvae evaluate`;
-    their weights are not committed). Each must have been trained as the run of record of its q (every config field
-    equal but the seed and the run folder) and read by the same protocol (judge, data, test sequences, sampling
-    seeds): a ValueError naming the run and the fix if not."""
+    their weights are not committed) that were read by the same protocol (judge, data, test sequences, sampling
+    seeds; the others do not compare and are left out). A ValueError names the run and the fix when one was trained
+    otherwise than the run of record of its q (a config field other than the seed and the run folder, or the epochs
+    evaluated, differ) or repeats a training seed."""
     seeds = {q: {run["config"]["seed"]: run} for q, run in metrics["runs"].items()}
     path = Path(path or ROOT / TRAINING_SEEDS)
     if not path.is_file():
         return seeds
     other = read_json(path, f"evaluate its runs again into a new file (dsvae evaluate RUN... --out {TRAINING_SEEDS})")
-    trained = lambda run: ({k: v for k, v in config_from_dict(run["config"], path).__dict__.items()
-                            if k not in ("seed", "run_dir")}, run["epochs"])  # retired and new fields at defaults
     protocol = lambda m: (m["judge"]["sha256"], m["data"], m["test sequences"], list(m["seeds"]))
+    trained = lambda run, source: ({k: v for k, v in config_from_dict(run["config"], source).__dict__.items()
+                                    if k not in ("seed", "run_dir")}, run["epochs"])  # retired, new fields: defaults
     for name, run in other["runs"].items():
         record = metrics["runs"].get(run["config"]["q_z"])
-        if run["config"]["profile"] != metrics["profile"] or record is None:
+        if run["config"]["profile"] != metrics["profile"] or record is None or protocol(other) != protocol(metrics):
             continue
-        if protocol(other) != protocol(metrics) or trained(run) != trained(record):
-            raise ValueError(f"{_shown_path(path)}: run {name!r} was not trained as the run of record of its q, or not "
-                             f"read by its judge protocol; train it with only another seed and evaluate it with "
-                             f"`dsvae evaluate RUN --profile {metrics['profile']}`, or remove it from the file")
+        fix = f"remove it from {_shown_path(path)}, or train it with only another seed and `dsvae evaluate` it there"
+        if trained(run, f"{path} ({name})") != trained(record, record["checkpoint"]):
+            raise ValueError(f"{_shown_path(path)}: run {name!r} was not trained as the run of record of its q "
+                             f"({record['checkpoint']}); {fix}")
+        if run["config"]["seed"] in seeds[run["config"]["q_z"]]:
+            raise ValueError(f"{_shown_path(path)}: run {name!r} repeats training seed {run['config']['seed']} of "
+                             f"{metrics['profile']}'s {run['config']['q_z']} q; {fix}")
         seeds[run["config"]["q_z"]][run["config"]["seed"]] = run
     return seeds
+
+
+SEED_SPREAD = 3  # training seeds from which a mean ± std over them is shown
 
 
 def seed_table(seeds):
     """The headline metrics (means over the sampling seeds; %, and IS) and the left/right swaps (first sampling seed,
     % of the sequences) of every q variant and training seed of `training_seeds`, and for a q with more than one
-    seed their mean and standard deviation over the training seeds: a DataFrame indexed by (q(z), training seed)."""
+    seed their mean and standard deviation over the training seeds (from SEED_SPREAD seeds on): a DataFrame indexed
+    by (q(z), training seed)."""
     import pandas as pd
     rows = {}
     for q, runs in seeds.items():
@@ -2751,20 +2759,20 @@ def seed_table(seeds):
                                     "left/right swapped"]}
                             for s, run in sorted(runs.items())}).T
         rows.update({(q, str(s)): row for s, row in per.iterrows()})
-        if len(per) > 1:
+        if len(per) >= SEED_SPREAD:
             rows[(q, "mean")], rows[(q, "std")] = per.mean(), per.std()
     return pd.DataFrame(rows).T.rename_axis(["q(z)", "training seed"])
 
 
-def _seed_rows(profile, q, seeds):
-    """The README's rows of the other training seeds of `profile`'s q variant `q`, and with 3 or more seeds their
-    mean ± std over the training seeds."""
+def _seed_rows(profile, q, seeds, record_seed):
+    """The README's rows of the training seeds of `profile`'s q variant `q` other than `record_seed` (the run of
+    record's), and from SEED_SPREAD seeds on their mean ± std over the training seeds."""
     runs = seeds.get(q, {})
     lines = [f"| ours: `{profile}`, {q} q, {_epochs_label(run)} epochs, training seed {s}, `{run['checkpoint']}` "
              f"(not committed; [`{TRAINING_SEEDS}`]({TRAINING_SEEDS})) | " + " | ".join(
                  f"{run['summary'][k]['mean']:.3f}" if k == "z kept: IS" else f"{100 * run['summary'][k]['mean']:.2f}"
-                 for k in HEADLINE) + " |" for s, run in sorted(runs.items())[1:]]
-    if len(runs) >= 3:
+                 for k in HEADLINE) + " |" for s, run in sorted(runs.items()) if s != record_seed]
+    if len(runs) >= SEED_SPREAD:
         table = seed_table({q: runs})
         lines.append(f"| ours: `{profile}`, {q} q, mean ± std over training seeds {', '.join(map(str, sorted(runs)))} | "
                      + " | ".join(f"{table.loc[(q, 'mean'), k]:.{3 if k == 'z kept: IS' else 2}f} ± "
@@ -2800,7 +2808,7 @@ def results_markdown(metrics, ablations=None, seeds=None):
         lines.append(f"| {_row_label(p, q, run)} | " + " | ".join(
             f"{s[k]['mean']:.3f}" if k == "z kept: IS" else f"{100 * s[k]['mean']:.2f}" for k in HEADLINE) + " |")
         if p == metrics["profile"]:
-            lines += _seed_rows(p, q, seeds or {})
+            lines += _seed_rows(p, q, seeds or {}, run["config"]["seed"])
     spread = max(100 * r["summary"][k]["std"] for _, _, r in rows for k in HEADLINE if k != "z kept: IS")
     paper = make_config("paper")
     beyond = {p: sorted({k for r in m["runs"].values() for k in beyond_the_paper(r["config"])}

@@ -326,9 +326,10 @@ def test_committed_weights_hold_their_profile_and_fit_the_limit(profile, q_z):
 
 def test_other_training_seeds_stand_beside_the_run_of_record_only_when_trained_and_read_alike(tmp_path):
     """training_seeds adds to a profile's runs of record the evaluations of its other training seeds, refusing one
-    trained otherwise or read by another judge protocol, and ignoring another profile's; seed_table and the README
-    give each seed's numbers and, from 3 seeds on, their mean and standard deviation over the training seeds. The
-    records are copies of the metrics of record with the seed and one number changed."""
+    trained otherwise or repeating a seed, and leaving out another profile's and those read by another judge
+    protocol; seed_table and the README give each seed's numbers and, from 3 seeds on, their mean and standard
+    deviation over the training seeds. The records are copies of the metrics of record with the seed and one number
+    changed."""
     metrics = json.loads((dsae.ROOT / "figures" / "metrics.json").read_text())
     record = metrics["runs"]["full"]
     head = {k: metrics[k] for k in ("judge", "data", "test sequences", "seeds")}
@@ -355,13 +356,22 @@ def test_other_training_seeds_stand_beside_the_run_of_record_only_when_trained_a
     lines = readme.splitlines()
     at = next(i for i, line in enumerate(lines) if "full q, 32 epochs, training seed 0" in line)
     assert "training seed 1" in lines[at + 1] and "training seed 2" in lines[at + 2]  # after their q's row
+    two = dsae.seed_table({"full": {s: seeds["full"][s] for s in (0, 1)}})
+    assert ("full", "1") in two.index and ("full", "mean") not in two.index  # two seeds: their values, no std
     path.write_text(json.dumps({**head, "runs": {"other": seed(1, 0.99, profile="cpu-mirror")}}))
     assert sorted(dsae.training_seeds(metrics, path)["full"]) == [0]  # another profile's run is not a seed of this one
-    for bad in ({**head, "runs": {"cpu-full-seed1": seed(1, 0.99, epochs=16)}},  # trained otherwise
-                {**head, "seeds": [0], "runs": {"cpu-full-seed1": seed(1, 0.99)}}):  # read by another protocol
-        path.write_text(json.dumps(bad))
-        with pytest.raises(ValueError, match="cpu-full-seed1.*not trained as the run of record"):
+    path.write_text(json.dumps({**head, "seeds": [0], "runs": {"cpu-full-seed1": seed(1, 0.99)}}))
+    assert sorted(dsae.training_seeds(metrics, path)["full"]) == [0]  # read by another protocol: does not compare
+    for bad, match in (({"cpu-full-seed1": seed(1, 0.99, epochs=16)}, "not trained as the run of record"),
+                       ({"cpu-full-seed0": seed(0, 0.99)}, "repeats training seed 0")):
+        path.write_text(json.dumps({**head, "runs": bad}))
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}.*{match}"):
             dsae.training_seeds(metrics, path)
+    late = json.loads(json.dumps(metrics))  # a run of record with a higher seed than the others
+    late["runs"]["full"]["config"]["seed"] = 3
+    path.write_text(json.dumps({**head, "runs": {"cpu-full-seed1": seed(1, 0.99)}}))
+    readme = dsae.results_markdown(late, seeds=dsae.training_seeds(late, path))
+    assert "training seed 1, `" in readme and readme.count("full q, 32 epochs, training seed 3") == 1
 
 
 def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_path):
