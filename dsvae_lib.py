@@ -2769,7 +2769,7 @@ def _seed_rows(profile, q, seeds, record_seed):
     record's), and from SEED_SPREAD seeds on their mean ± std over the training seeds."""
     runs = seeds.get(q, {})
     lines = [f"| ours: `{profile}`, {q} q, {_epochs_label(run)} epochs, training seed {s}, `{run['checkpoint']}` "
-             f"(not committed; [`{TRAINING_SEEDS}`]({TRAINING_SEEDS})) | " + " | ".join(
+             f"(weights not in the repository; [`{TRAINING_SEEDS}`]({TRAINING_SEEDS})) | " + " | ".join(
                  f"{run['summary'][k]['mean']:.3f}" if k == "z kept: IS" else f"{100 * run['summary'][k]['mean']:.2f}"
                  for k in HEADLINE) + " |" for s, run in sorted(runs.items()) if s != record_seed]
     if len(runs) >= SEED_SPREAD:
@@ -2818,8 +2818,9 @@ def results_markdown(metrics, ablations=None, seeds=None):
     lines += ["", f"Caveat: the published row is the paper's configuration ({paper.channels} channels, {paper.epochs} "
               f"epochs); ours have {'/'.join(map(str, channels))} channels and one training seed a row, and the "
               f"standard deviation over the sampling seeds is at most {spread:.2f} points"
-              + "".join(f", while the training seed moves the motion of `{metrics['profile']}`'s {q} q by "
-                        f"{max(m) - min(m):.2f} points over {len(m)} seeds"
+              + "".join(f", while `{metrics['profile']}`'s {q} q reads a motion {max(m) - min(m):.2f} points apart "
+                        f"over {len(m)} training seeds (what else differs between their runs: "
+                        f"[notebook 06](notebooks/06_study.ipynb))"
                         for q, runs in (seeds or {}).items() if len(runs) > 1
                         for m in [[100 * r["summary"]["z kept: motion"]["mean"] for r in runs.values()]])
               + "".join(f"; `{p}` goes beyond the paper ({', '.join(b)}) and stands beside it, never in its place"

@@ -351,8 +351,8 @@ def test_other_training_seeds_stand_beside_the_run_of_record_only_when_trained_a
     readme = dsae.results_markdown(metrics, seeds=seeds)
     assert (f"| ours: `cpu`, full q, mean ± std over training seeds 0, 1, 2 | {np.mean(motions):.2f} ± "
             f"{np.std(motions, ddof=1):.2f} |") in readme
-    assert f"the training seed moves the motion of `cpu`'s full q by {max(motions) - min(motions):.2f} points over 3 " \
-        "seeds" in readme
+    assert f"`cpu`'s full q reads a motion {max(motions) - min(motions):.2f} points apart over 3 training seeds" \
+        in readme
     lines = readme.splitlines()
     at = next(i for i, line in enumerate(lines) if "full q, 32 epochs, training seed 0" in line)
     assert "training seed 1" in lines[at + 1] and "training seed 2" in lines[at + 2]  # after their q's row
@@ -393,8 +393,8 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     others = {(q, s): run for q, runs in seeds.items() for s, run in runs.items() if s != metrics["runs"][q]["config"]["seed"]}
     assert len(table) == sum(len(m["runs"]) for m in results.values()) + len(others) == 4 + len(others)
     for (q, seed), run in others.items():  # a row of its own, read from the file that holds its evaluation
-        label = (f"ours: `cpu`, {q} q, {run['epochs']} epochs, training seed {seed}, `{run['checkpoint']}` (not "
-                 f"committed; [`study/training-seeds.json`](study/training-seeds.json))")
+        label = (f"ours: `cpu`, {q} q, {run['epochs']} epochs, training seed {seed}, `{run['checkpoint']}` (weights "
+                 f"not in the repository; [`study/training-seeds.json`](study/training-seeds.json))")
         assert table[label][0] == pytest.approx(100 * run["summary"]["z kept: motion"]["mean"], abs=0.0051), label
     for profile, m in results.items():
         for q, run in m["runs"].items():
