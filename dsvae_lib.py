@@ -2748,9 +2748,8 @@ SEED_SPREAD = 3  # training seeds from which a mean ± std over them is shown
 
 def seed_table(seeds):
     """The headline metrics (means over the sampling seeds; %, and IS) and the left/right swaps (first sampling seed,
-    % of the sequences) of every q variant and training seed of `training_seeds`, and for a q with more than one
-    seed their mean and standard deviation over the training seeds (from SEED_SPREAD seeds on): a DataFrame indexed
-    by (q(z), training seed)."""
+    % of the sequences) of every q variant and training seed of `training_seeds`, and for a q with SEED_SPREAD seeds
+    or more their mean and standard deviation over the training seeds: a DataFrame indexed by (q(z), training seed)."""
     import pandas as pd
     rows = {}
     for q, runs in seeds.items():
