@@ -2746,6 +2746,18 @@ def training_seeds(metrics, path=None):
 SEED_SPREAD = 3  # training seeds from which a mean ± std over them is shown
 
 
+def _headline(summary):
+    """The headline metrics (HEADLINE) of an evaluation's summary, means over the sampling seeds: IS, accuracies in %."""
+    return {k: (1 if k == "z kept: IS" else 100) * summary[k]["mean"] for k in HEADLINE}
+
+
+def _cells(values, spread=None):
+    """Headline values (`_headline`) as cells of the README's table: IS to 3 decimals, % to 2; `spread` after a ±."""
+    digits = lambda k: 3 if k == "z kept: IS" else 2
+    return " | ".join(f"{values[k]:.{digits(k)}f}" + ("" if spread is None else f" ± {spread[k]:.{digits(k)}f}")
+                      for k in HEADLINE)
+
+
 def seed_table(seeds):
     """The headline metrics (means over the sampling seeds; %, and IS) and the left/right swaps (first sampling seed,
     % of the sequences) of every q variant and training seed of `training_seeds`, and for a q with SEED_SPREAD seeds
@@ -2753,7 +2765,7 @@ def seed_table(seeds):
     import pandas as pd
     rows = {}
     for q, runs in seeds.items():
-        per = pd.DataFrame({s: {**{k: (1 if k == "z kept: IS" else 100) * run["summary"][k]["mean"] for k in HEADLINE},
+        per = pd.DataFrame({s: {**_headline(run["summary"]),
                                 "left/right swapped": motion_breakdown(run["confusions (first seed)"]["motion"])[
                                     "left/right swapped"]}
                             for s, run in sorted(runs.items())}).T
@@ -2768,15 +2780,12 @@ def _seed_rows(profile, q, seeds, record_seed):
     record's), and from SEED_SPREAD seeds on their mean ± std over the training seeds."""
     runs = seeds.get(q, {})
     lines = [f"| ours: `{profile}`, {q} q, {_epochs_label(run)} epochs, training seed {s}, `{run['checkpoint']}` "
-             f"(weights not in the repository; [`{TRAINING_SEEDS}`]({TRAINING_SEEDS})) | " + " | ".join(
-                 f"{run['summary'][k]['mean']:.3f}" if k == "z kept: IS" else f"{100 * run['summary'][k]['mean']:.2f}"
-                 for k in HEADLINE) + " |" for s, run in sorted(runs.items()) if s != record_seed]
+             f"(weights not in the repository; [`{TRAINING_SEEDS}`]({TRAINING_SEEDS})) | "
+             f"{_cells(_headline(run['summary']))} |" for s, run in sorted(runs.items()) if s != record_seed]
     if len(runs) >= SEED_SPREAD:
         table = seed_table({q: runs})
         lines.append(f"| ours: `{profile}`, {q} q, mean ± std over training seeds {', '.join(map(str, sorted(runs)))} | "
-                     + " | ".join(f"{table.loc[(q, 'mean'), k]:.{3 if k == 'z kept: IS' else 2}f} ± "
-                                  f"{table.loc[(q, 'std'), k]:.{3 if k == 'z kept: IS' else 2}f}" for k in HEADLINE)
-                     + " |")
+                     f"{_cells(table.loc[(q, 'mean')], table.loc[(q, 'std')])} |")
     return lines
 
 
@@ -2803,9 +2812,7 @@ def results_markdown(metrics, ablations=None, seeds=None):
         if name != "limit":
             lines.append(f"| {name} | {row['accuracy %']:.4g} | {row['IS']:.4g} |" + " – |" * len(ATTRIBUTES))
     for p, q, run in rows:
-        s = run["summary"]
-        lines.append(f"| {_row_label(p, q, run)} | " + " | ".join(
-            f"{s[k]['mean']:.3f}" if k == "z kept: IS" else f"{100 * s[k]['mean']:.2f}" for k in HEADLINE) + " |")
+        lines.append(f"| {_row_label(p, q, run)} | {_cells(_headline(run['summary']))} |")
         if p == metrics["profile"]:
             lines += _seed_rows(p, q, seeds or {}, run["config"]["seed"])
     spread = max(100 * r["summary"][k]["std"] for _, _, r in rows for k in HEADLINE if k != "z kept: IS")
@@ -2885,42 +2892,43 @@ def _parser():
     import argparse
     parser = argparse.ArgumentParser(description="DSAE on Sprites (Li & Mandt 2018)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train (or resume) a profile")
-    p.add_argument("--profile", choices=sorted(PROFILES), help="default: $DSVAE_PROFILE, else gpu with CUDA, else cpu")
+
+    def command(name, help, profile=""):  # a subcommand; unless `profile` is None, its --profile (`profile`: whose)
+        p = sub.add_parser(name, help=help)
+        if profile is not None:
+            p.add_argument("--profile", choices=sorted(PROFILES),
+                           help=f"{profile}default: $DSVAE_PROFILE, else gpu with CUDA, else cpu")
+        return p
+    p = command("train", "train (or resume) a profile")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="override config fields, e.g. --set q_z=full epochs=10")
     p.add_argument("--change-lr", action="store_true", help="resume a run with the lr given by --set lr=...")
-    d = sub.add_parser("data", help="build (or check) the data cache")
-    d.add_argument("--verify", action="store_true", help="also check every byte against the manifest's checksums")
-    help_profile = "default: $DSVAE_PROFILE, else gpu with CUDA, else cpu"
-    p = sub.add_parser("export", help="write the weights of record weights/<profile>-<q_z>.pt from a finished run")
-    p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
+    p = command("data", "build (or check) the data cache", profile=None)
+    p.add_argument("--verify", action="store_true", help="also check every byte against the manifest's checksums")
+    p = command("export", "write the weights of record weights/<profile>-<q_z>.pt from a finished run")
     p.add_argument("--q-z", default="factorised", choices=("factorised", "full"))
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="the run's config fields as it was trained, e.g. --set seed=1 run_dir=runs/cpu-full-seed1")
     p.add_argument("--out", help="another file than the weights of record, e.g. runs/cpu-full-seed1.pt")
-    p = sub.add_parser("study", help="add training runs (their histories) to study/study.json")
+    p = command("study", "add training runs (their histories) to study/study.json", profile=None)
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding checkpoint.pt")
     p.add_argument("--out", default=str(STUDY / "study.json"))
-    p = sub.add_parser("evaluate",
-                       help="judge-protocol metrics of training runs, added to study/study-evaluations.json")
+    p = command("evaluate", "judge-protocol metrics of training runs, added to study/study-evaluations.json",
+                "whose judge reads them; ")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding checkpoint.pt, or weights files")
-    p.add_argument("--profile", choices=sorted(PROFILES), help="whose judge reads them; " + help_profile)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="sampling seeds (default: 0 1 2)")
     p.add_argument("--fp32", action="store_true", help="evaluate in fp32 even where bf16 is native")
     p.add_argument("--out", default=str(STUDY / "study-evaluations.json"))
-    p = sub.add_parser("diagnose", help="a diagnostic of the study (fp32) for runs, added to study/<kind>.json")
+    p = command("diagnose", "a diagnostic of the study (fp32) for runs, added to study/<kind>.json",
+                "whose judge and test sequences; ")
     p.add_argument("kind", choices=sorted(DIAGNOSES))
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders holding checkpoint.pt, or weights files")
-    p.add_argument("--profile", choices=sorted(PROFILES), help="whose judge and test sequences; " + help_profile)
     p.add_argument("--out", help="default: study/<kind>.json (latent-probe: study/latent-probe-fp32.json)")
-    p = sub.add_parser("readme", help="rewrite the README's results section from the profile's metrics.json")
-    p.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
-    r = sub.add_parser("report", help="run the notebooks into reports/ (HTML, index.html); copy back when of record")
-    r.add_argument("--profile", choices=sorted(PROFILES), help=help_profile)
-    r.add_argument("--record", action="store_true", help="copy notebooks and figures back even for smoke")
-    r.add_argument("--fresh", action="store_true", help="recompute every evaluation instead of reusing stored ones")
-    r.add_argument("--no-weights", action="store_true",
+    command("readme", "rewrite the README's results section from the profile's metrics.json")
+    p = command("report", "run the notebooks into reports/ (HTML, index.html); copy back when of record")
+    p.add_argument("--record", action="store_true", help="copy notebooks and figures back even for smoke")
+    p.add_argument("--fresh", action="store_true", help="recompute every evaluation instead of reusing stored ones")
+    p.add_argument("--no-weights", action="store_true",
                    help="use (or train) the runs under runs/ instead of the committed weights of record")
     return parser
 
