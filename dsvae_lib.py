@@ -2776,8 +2776,8 @@ def _seed_rows(profile, q, seeds, record_seed):
     """The README's rows of the training seeds of `profile`'s q variant `q` other than `record_seed` (the run of
     record's), and from SEED_SPREAD seeds on their mean ± std over the training seeds."""
     runs = seeds.get(q, {})
-    lines = [f"| ours: `{profile}`, {q} q, {_epochs_label(run)} epochs, training seed {s}, `{run['checkpoint']}` "
-             f"(weights not in the repository; [`{TRAINING_SEEDS}`]({TRAINING_SEEDS})) | "
+    lines = [f"| {_row_label(profile, q, run)} (weights not in the repository; "
+             f"[`{TRAINING_SEEDS}`]({TRAINING_SEEDS})) | "
              f"{_cells(_headline(run['summary']))} |" for s, run in sorted(runs.items()) if s != record_seed]
     if len(runs) >= SEED_SPREAD:
         table = seed_table({q: runs})
@@ -2825,7 +2825,7 @@ def results_markdown(metrics, ablations=None, seeds=None):
                         f"over {len(m)} training seeds (what else differs between their runs: "
                         f"[notebook 06](notebooks/06_study.ipynb))"
                         for q, runs in (seeds or {}).items() if len(runs) > 1
-                        for m in [[100 * r["summary"]["z kept: motion"]["mean"] for r in runs.values()]])
+                        for m in [[_headline(r["summary"])["z kept: motion"] for r in runs.values()]])
               + "".join(f"; `{p}` goes beyond the paper ({', '.join(b)}) and stands beside it, never in its place"
                         for p, b in beyond.items() if b) + ".",
               "Every metric, with its spread: " + ", ".join(
