@@ -2818,8 +2818,10 @@ def results_markdown(metrics, ablations=None, seeds=None):
                         | ({"a warm start"} if any(r.get("init") for r in m["runs"].values()) else set()))
               for p, m in results.items()}
     channels = sorted({r["config"]["channels"] for _, _, r in rows})
+    means = any(len(runs) >= SEED_SPREAD for runs in (seeds or {}).values())
     lines += ["", f"Caveat: the published row is the paper's configuration ({paper.channels} channels, {paper.epochs} "
-              f"epochs); ours have {'/'.join(map(str, channels))} channels and one training seed a row, and the "
+              f"epochs); ours have {'/'.join(map(str, channels))} channels and one training seed a row"
+              + (" (a mean ± std row: the training seeds it names)" if means else "") + ", and the "
               f"standard deviation over the sampling seeds is at most {spread:.2f} points"
               + "".join(f", while `{metrics['profile']}`'s {q} q reads a motion {max(m) - min(m):.2f} points apart "
                         f"over {len(m)} training seeds (what else differs between their runs: "
@@ -3865,7 +3867,9 @@ def plot_study(study):
     (a warm-started run from the end of its source's training)."""
     import matplotlib.pyplot as plt
     import pandas as pd
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4), sharey=True)
+    columns = 6  # the legend, below the axes: one entry per run
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4 + 0.17 * -(-len(study) // columns)), sharey=True,
+                             layout="constrained")
     colors, markers = plt.cm.tab20.colors, "os^Dv<>pPX*h"
     for i, (name, run) in enumerate(study.items()):  # a colour and a marker of its own for every run
         df = pd.DataFrame(run["history"])
@@ -3880,8 +3884,7 @@ def plot_study(study):
         ax.axhline(PUBLISHED["DSVAE (published)"]["accuracy %"] if key == "z kept: motion" else 90, color="grey",
                    lw=0.8)
     axes[0].set_ylabel("judge accuracy %")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=columns, fontsize=7)
     return fig
 
 
