@@ -55,7 +55,7 @@ def test_motion_breakdown_splits_action_and_direction():
 
 def test_published_row_and_limits():
     table = dsae.judge_protocol_table({})
-    assert table.loc["DSVAE (published)"].tolist() == ["90.73", "8.384", "0.072", "2.192"]
+    assert table.loc[dsae.PUBLISHED_ROW].tolist() == ["90.73", "8.384", "0.072", "2.192"]
     assert table.loc["limit", "H(y)"] == "2.197"
 
 

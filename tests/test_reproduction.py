@@ -352,7 +352,7 @@ def test_other_training_seeds_stand_beside_the_run_of_record_only_when_trained_a
     assert (f"| ours: `cpu`, full q, mean ± std over training seeds 0, 1, 2 | {np.mean(motions):.2f} ± "
             f"{np.std(motions, ddof=1):.2f} |") in readme
     assert f"`cpu`'s full q reads a motion {max(motions) - min(motions):.2f} points apart over 3 training seeds" \
-        in readme and "one training seed a row (a mean ± std row: the training seeds it names)" in readme
+        in readme and "one training seed a row, but for a mean ± std over training seeds" in readme
     lines = readme.splitlines()
     at = next(i for i, line in enumerate(lines) if "full q, 32 epochs, training seed 0" in line)
     assert "training seed 1" in lines[at + 1] and "training seed 2" in lines[at + 2]  # after their q's row
@@ -387,8 +387,8 @@ def test_readme_results_are_the_metrics_of_record_and_name_their_weights(tmp_pat
     assert section.strip() == dsae.results_markdown(metrics, ablations, seeds).strip()
     table = {line.split(" | ")[0].lstrip("| "): [float(v) for v in line.rstrip(" |").split(" | ")[1:]]
              for line in section.splitlines() if line.startswith("| ours: ") and " ± " not in line}
-    published = metrics["published"]["DSVAE (published)"]
-    assert f"| DSVAE (published) | {published['accuracy %']:.4g} | {published['IS']:.4g} |" in section
+    published = metrics["published"][dsae.PUBLISHED_ROW]
+    assert f"| {dsae.PUBLISHED_ROW} | {published['accuracy %']:.4g} | {published['IS']:.4g} |" in section
     results = {"cpu": metrics, **ablations}
     others = {(q, s): run for q, runs in seeds.items() for s, run in runs.items() if s != metrics["runs"][q]["config"]["seed"]}
     assert len(table) == sum(len(m["runs"]) for m in results.values()) + len(others) == 4 + len(others)
