@@ -2820,15 +2820,15 @@ def results_markdown(metrics, ablations=None, seeds=None):
               for p, m in results.items()}
     channels = sorted({r["config"]["channels"] for _, _, r in rows})
     means = any(len(runs) >= SEED_SPREAD for runs in (seeds or {}).values())
+    apart = [f"{max(m) - min(m):.2f} points apart over {len(m)} training seeds of its {q} q"
+             for q in sorted(seeds or {}, key=order) if len(seeds[q]) > 1
+             for m in [[_headline(r["summary"])["z kept: motion"] for r in seeds[q].values()]]]
     lines += ["", f"Caveat: the published row is the paper's configuration ({paper.channels} channels, {paper.epochs} "
               f"epochs), read by another judge than ours; ours have {'/'.join(map(str, channels))} channels and one "
               f"training seed a row" + (", but for a mean ± std over training seeds" if means else "") + ", and the "
               f"standard deviation over the sampling seeds is at most {spread:.2f} points"
-              + "".join(f", while `{metrics['profile']}`'s {q} q reads a motion {max(m) - min(m):.2f} points apart "
-                        f"over {len(m)} training seeds (what else differs between their runs: "
-                        f"[notebook 06](notebooks/06_study.ipynb))"
-                        for q, runs in (seeds or {}).items() if len(runs) > 1
-                        for m in [[_headline(r["summary"])["z kept: motion"] for r in runs.values()]])
+              + (f", while `{metrics['profile']}`'s motion reads " + " and ".join(apart) + " (what else differs "
+                 f"between their runs: [notebook 06](notebooks/06_study.ipynb))" if apart else "")
               + "".join(f"; `{p}` goes beyond the paper ({', '.join(b)}) and stands beside it, never in its place"
                         for p, b in beyond.items() if b) + ".",
               "Every metric, with its spread: " + ", ".join(
