@@ -2793,7 +2793,7 @@ def results_markdown(metrics, ablations=None, seeds=None):
     kept; means over the sampling seeds), each row naming what produced it, with the data, judge and processor
     above it and one caveat below; after a row of the profile, the rows of its other training seeds (`seeds`, from
     `training_seeds`). Every other metric stays in the metrics files, notebook 04 and the report."""
-    results = {metrics["profile"]: metrics, **(ablations or {})}
+    results, seeds = {metrics["profile"]: metrics, **(ablations or {})}, seeds or {}
     order = lambda q: ("full", "factorised").index(q) if q in ("full", "factorised") else 2
     rows = [(p, q, m["runs"][q]) for p, m in results.items() for q in sorted(m["runs"], key=order)]
     judge = metrics["judge"]
@@ -2812,16 +2812,16 @@ def results_markdown(metrics, ablations=None, seeds=None):
     for p, q, run in rows:
         lines.append(f"| {_row_label(p, q, run)} | {_cells(_headline(run['summary']))} |")
         if p == metrics["profile"]:
-            lines += _seed_rows(p, q, seeds or {}, run["config"]["seed"])
+            lines += _seed_rows(p, q, seeds, run["config"]["seed"])
     spread = max(100 * r["summary"][k]["std"] for _, _, r in rows for k in HEADLINE if k != "z kept: IS")
     paper = make_config("paper")
     beyond = {p: sorted({k for r in m["runs"].values() for k in beyond_the_paper(r["config"])}
                         | ({"a warm start"} if any(r.get("init") for r in m["runs"].values()) else set()))
               for p, m in results.items()}
     channels = sorted({r["config"]["channels"] for _, _, r in rows})
-    means = any(len(runs) >= SEED_SPREAD for runs in (seeds or {}).values())
+    means = any(len(runs) >= SEED_SPREAD for runs in seeds.values())
     apart = [f"{max(m) - min(m):.2f} points apart over {len(m)} training seeds of its {q} q"
-             for q in sorted(seeds or {}, key=order) if len(seeds[q]) > 1
+             for q in sorted(seeds, key=order) if len(seeds[q]) > 1
              for m in [[_headline(r["summary"])["z kept: motion"] for r in seeds[q].values()]]]
     lines += ["", f"Caveat: the published row is the paper's configuration ({paper.channels} channels, {paper.epochs} "
               f"epochs), read by another judge than ours; ours have {'/'.join(map(str, channels))} channels and one "
