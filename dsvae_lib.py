@@ -2764,8 +2764,8 @@ def seed_table(seeds):
     rows = {}
     for q, runs in seeds.items():
         per = pd.DataFrame({s: {**_headline(run["summary"]),
-                                "left/right swapped": motion_breakdown(run["confusions (first seed)"]["motion"])[
-                                    "left/right swapped"]}
+                                "left/right swapped (1st sampling seed)": motion_breakdown(
+                                    run["confusions (first seed)"]["motion"])["left/right swapped"]}
                             for s, run in sorted(runs.items())}).T
         rows.update({(q, str(s)): row for s, row in per.iterrows()})
         if len(per) >= SEED_SPREAD:
@@ -2824,11 +2824,11 @@ def results_markdown(metrics, ablations=None, seeds=None):
              for q in sorted(seeds, key=order) if len(seeds[q]) > 1
              for m in [[_headline(r["summary"])["z kept: motion"] for r in seeds[q].values()]]]
     lines += ["", f"Caveat: the published row is the paper's configuration ({paper.channels} channels, {paper.epochs} "
-              f"epochs), read by another judge than ours; ours have {'/'.join(map(str, channels))} channels and one "
-              f"training seed a row" + (", but for a mean ± std over training seeds" if means else "") + ", and the "
+              f"epochs), read by another judge than ours; ours have {'/'.join(map(str, channels))} channels, each row one "
+              f"training seed" + (" except a mean ± std over training seeds" if means else "") + ", and the "
               f"standard deviation over the sampling seeds is at most {spread:.2f} points"
-              + (f", while `{metrics['profile']}`'s motion reads " + " and ".join(apart) + " (what else differs "
-                 f"between their runs: [notebook 06](notebooks/06_study.ipynb))" if apart else "")
+              + (f", while `{metrics['profile']}`'s motion reads " + " and ".join(apart) + " (how their runs "
+                 f"differ beyond the seed: [notebook 06](notebooks/06_study.ipynb))" if apart else "")
               + "".join(f"; `{p}` goes beyond the paper ({', '.join(b)}) and stands beside it, never in its place"
                         for p, b in beyond.items() if b) + ".",
               "Every metric, with its spread: " + ", ".join(

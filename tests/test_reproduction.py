@@ -352,7 +352,7 @@ def test_other_training_seeds_stand_beside_the_run_of_record_only_when_trained_a
     assert (f"| ours: `cpu`, full q, mean ± std over training seeds 0, 1, 2 | {np.mean(motions):.2f} ± "
             f"{np.std(motions, ddof=1):.2f} |") in readme
     assert f"`cpu`'s motion reads {max(motions) - min(motions):.2f} points apart over 3 training seeds of its full q (" \
-        in readme and "one training seed a row, but for a mean ± std over training seeds" in readme
+        in readme and "each row one training seed except a mean ± std over training seeds" in readme
     lines = readme.splitlines()
     at = next(i for i, line in enumerate(lines) if "full q, 32 epochs, training seed 0" in line)
     assert "training seed 1" in lines[at + 1] and "training seed 2" in lines[at + 2]  # after their q's row
