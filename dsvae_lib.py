@@ -2813,7 +2813,8 @@ def results_markdown(metrics, ablations=None, seeds=None):
         lines.append(f"| {_row_label(p, q, run)} | {_cells(_headline(run['summary']))} |")
         if p == metrics["profile"]:
             lines += _seed_rows(p, q, seeds, run["config"]["seed"])
-    spread = max(100 * r["summary"][k]["std"] for _, _, r in rows for k in HEADLINE if k != "z kept: IS")
+    every = [r for _, _, r in rows] + [r for runs in seeds.values() for r in runs.values()]  # each a row
+    spread = max(100 * r["summary"][k]["std"] for r in every for k in HEADLINE if k != "z kept: IS")
     paper = make_config("paper")
     beyond = {p: sorted({k for r in m["runs"].values() for k in beyond_the_paper(r["config"])}
                         | ({"a warm start"} if any(r.get("init") for r in m["runs"].values()) else set()))
